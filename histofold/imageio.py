@@ -1,0 +1,267 @@
+"""Pixel loading for worker processes: any image file or HDF5 patch -> (H, W, 3) uint8 RGB (numpy + Pillow only).
+
+Conversions are deliberate, never silent garbage:
+    RGB                       as is
+    1, L                      grey copied to R, G, B
+    I;16 (16-bit grey)        >> 8 (a fixed scale, so every image of a dataset maps alike;
+                              per-image max scaling would change brightness from patch to patch)
+    I (32-bit int grey)       >> 8 when any value exceeds 255 (16-bit data in a 32-bit mode), else as is
+    F (float grey)            x 255 when all values lie in [0, 1], else clipped to [0, 255]
+    RGBA, LA, PA, P with transparency    composited onto white (slide background is white)
+    P (palette), CMYK, YCbCr, HSV, LAB   converted by Pillow
+Unreadable input raises `ImageError` whose str() is a short reason ("file not found: ...",
+"zero-byte file: ...", "truncated or unreadable image: ...").
+
+HDF5 handles are cached per process (keyed by pid, so a forked worker never reuses its parent's
+handle); `.h5.gz` files are decompressed once into a cache directory ($HISTOFOLD_CACHE, default
+~/.cache/histofold) and read from there.
+"""
+from __future__ import annotations
+
+import functools
+import gzip
+import hashlib
+import io
+import os
+import shutil
+import tempfile
+
+import numpy as np
+from PIL import Image
+
+from histofold.sources import ImageError
+
+WHITE = 255
+
+
+def read_bytes(path) -> bytes:
+    """The whole file; gs:// paths through tf.io.gfile (imported only then). Raises ImageError."""
+    path = os.fspath(path)
+    if path.startswith("gs://"):
+        return _read_gcs(path)
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        raise ImageError(f"file not found: {path}") from None
+    except IsADirectoryError:
+        raise ImageError(f"not a file (a directory): {path}") from None
+    except OSError as e:
+        raise ImageError(f"cannot read file: {path}: {e}") from None
+    return data
+
+
+def _read_gcs(path: str) -> bytes:
+    import tensorflow as tf  # only for gs://; local reads never import TensorFlow
+
+    try:
+        with tf.io.gfile.GFile(path, "rb") as f:
+            return f.read()
+    except tf.errors.NotFoundError:
+        raise ImageError(f"file not found: {path}") from None
+
+
+def read_image(path) -> np.ndarray:
+    """Decode one image file to (H, W, 3) uint8 RGB; raises ImageError with the reason."""
+    data = read_bytes(path)
+    if not data:
+        raise ImageError(f"zero-byte file: {os.fspath(path)}")
+    return decode_image(data, name=os.fspath(path))
+
+
+def decode_image(data: bytes, *, name: str = "<bytes>") -> np.ndarray:
+    """Encoded bytes -> (H, W, 3) uint8 RGB; truncated data raises (LOAD_TRUNCATED_IMAGES stays False)."""
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            img.load()  # decode now: truncation only shows here
+            return to_rgb(img)
+    except ImageError:
+        raise
+    except Exception as e:  # Pillow raises OSError, SyntaxError, ValueError, EOFError, struct.error...
+        raise ImageError(f"truncated or unreadable image: {name}: {e}") from None
+
+
+def to_rgb(img: Image.Image) -> np.ndarray:
+    """A loaded Pillow image in any mode -> (H, W, 3) uint8 RGB (see the module docstring)."""
+    mode = img.mode
+    if mode == "RGB":
+        return np.asarray(img, dtype=np.uint8).copy()
+    if mode == "P" and "transparency" in img.info:
+        img, mode = img.convert("RGBA"), "RGBA"
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        return _on_white(np.asarray(img.convert("RGBA"), dtype=np.float32))
+    if mode.startswith("I;16") or mode in ("I", "F"):
+        return _grey(_wide_to_uint8(np.asarray(img), mode))
+    if mode in ("1", "L"):
+        return _grey(np.asarray(img.convert("L"), dtype=np.uint8))
+    try:
+        return np.asarray(img.convert("RGB"), dtype=np.uint8).copy()  # P, CMYK, YCbCr, LAB, HSV
+    except (ValueError, OSError) as e:
+        raise ImageError(f"unsupported image mode {mode!r}: {e}") from None
+
+
+def _grey(grey: np.ndarray) -> np.ndarray:
+    """(H, W) uint8 -> (H, W, 3) uint8."""
+    return np.repeat(grey[:, :, None], 3, axis=2)
+
+
+def _wide_to_uint8(a: np.ndarray, mode: str) -> np.ndarray:
+    """16/32-bit int or float grey (H, W) -> uint8 by the rules in the module docstring."""
+    if mode == "F":
+        a = a.astype(np.float64)
+        if not np.isfinite(a).all():
+            raise ImageError("float image holds NaN or infinite values")
+        if a.size and a.min() >= 0.0 and a.max() <= 1.0:
+            a = a * 255.0
+        return np.clip(np.rint(a), 0, 255).astype(np.uint8)
+    a = a.astype(np.int64)
+    if mode.startswith("I;16") or (a.size and a.max() > 255):
+        a = a >> 8
+    return np.clip(a, 0, 255).astype(np.uint8)
+
+
+def _on_white(rgba: np.ndarray) -> np.ndarray:
+    """(H, W, 4) float RGBA in 0..255 -> (H, W, 3) uint8 composited onto white."""
+    alpha = rgba[:, :, 3:4] / 255.0
+    rgb = rgba[:, :, :3] * alpha + WHITE * (1.0 - alpha)
+    return np.clip(np.rint(rgb), 0, 255).astype(np.uint8)
+
+
+def as_rgb_array(a: np.ndarray, *, name: str = "array") -> np.ndarray:
+    """An in-memory patch (H, W), (H, W, 1|3|4) uint8 -> (H, W, 3) uint8; anything else raises ImageError."""
+    if a.dtype != np.uint8:
+        raise ImageError(f"{name}: expected uint8 pixels, got {a.dtype}")
+    if a.ndim == 2:
+        return _grey(a)
+    if a.ndim == 3 and a.shape[2] == 1:
+        return _grey(a[:, :, 0])
+    if a.ndim == 3 and a.shape[2] == 3:
+        return np.ascontiguousarray(a)
+    if a.ndim == 3 and a.shape[2] == 4:
+        return _on_white(a.astype(np.float32))
+    raise ImageError(f"{name}: expected (H, W[, 1|3|4]) pixels, got shape {a.shape}")
+
+
+def resize(image: np.ndarray, size) -> np.ndarray:
+    """(H, W, 3) uint8 -> (size, size, 3) uint8 (size an int or (H, W)).
+
+    Downscaling uses Pillow BOX (area averaging: no aliasing of nuclei texture), upscaling BILINEAR.
+    """
+    h, w = (int(size), int(size)) if np.isscalar(size) else (int(size[0]), int(size[1]))
+    if image.shape[:2] == (h, w):
+        return image
+    shrinking = h <= image.shape[0] and w <= image.shape[1]
+    method = Image.Resampling.BOX if shrinking else Image.Resampling.BILINEAR
+    return np.asarray(Image.fromarray(image).resize((w, h), method), dtype=np.uint8)
+
+
+# ---------------------------------------------------------------- HDF5 (PCam)
+
+def cache_dir() -> str:
+    """Where decompressed .h5.gz copies live: $HISTOFOLD_CACHE or ~/.cache/histofold."""
+    return os.environ.get("HISTOFOLD_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "histofold")
+
+
+def gunzip_cached(path: str, *, directory: str | None = None) -> str:
+    """Decompress `path` (.gz) once into the cache dir and return the copy's path.
+
+    The copy's name carries a hash of the source path, size and mtime, so a changed source gets a new
+    copy. Streams (never holds the file in memory) and writes to a temp file then renames it, so
+    concurrent workers never read a half-written copy.
+    """
+    directory = directory or cache_dir()
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise ImageError(f"file not found: {path}") from None
+    key = hashlib.sha1(f"{os.path.abspath(path)}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
+    base = os.path.basename(path)[: -len(".gz")]
+    target = os.path.join(directory, f"{key}-{base}")
+    if os.path.exists(target):
+        return target
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{base}.", suffix=".part")
+    try:
+        with gzip.open(path, "rb") as src, os.fdopen(fd, "wb") as dst:
+            shutil.copyfileobj(src, dst, length=16 << 20)  # 16 MiB chunks
+        os.replace(tmp, target)
+    except (OSError, EOFError) as e:
+        os.unlink(tmp)
+        raise ImageError(f"cannot decompress {path}: {e}; is it a complete .gz file?") from None
+    return target
+
+
+@functools.lru_cache(maxsize=32)
+def _open_h5(path: str, pid: int):
+    """One read-only h5py handle per (file, process); `pid` is in the key so forks reopen."""
+    import h5py
+
+    local = gunzip_cached(path) if path.endswith(".gz") else path
+    try:
+        return h5py.File(local, "r")
+    except FileNotFoundError:
+        raise ImageError(f"file not found: {path}") from None
+    except OSError as e:
+        raise ImageError(f"unreadable HDF5 file: {path}: {e}") from None
+
+
+def h5_dataset(path, key: str):
+    """The h5py dataset `key` of `path` (.h5 or .h5.gz), from the per-process handle cache."""
+    f = _open_h5(os.fspath(path), os.getpid())
+    if key not in f:
+        raise ImageError(f"{path} has no dataset {key!r} (it has {', '.join(sorted(f.keys()))})")
+    return f[key]
+
+
+def h5_length(path, key: str) -> int:
+    """Number of rows of dataset `key` (reads only the shape)."""
+    return int(h5_dataset(path, key).shape[0])
+
+
+def load_h5(path, key: str, index: int) -> np.ndarray:
+    """One patch (row `index`) of an HDF5 array -> (H, W, 3) uint8."""
+    ds = h5_dataset(path, key)
+    if not 0 <= int(index) < ds.shape[0]:
+        raise ImageError(f"{path}:{key} has {ds.shape[0]} rows; index {index} is out of range")
+    return as_rgb_array(ds[int(index)], name=f"{path}:{key}[{index}]")
+
+
+def load_h5_batch(path, key: str, start: int, stop: int) -> np.ndarray:
+    """Rows start..stop-1 of an HDF5 image array in one read -> (N, H, W, 3) uint8."""
+    ds = h5_dataset(path, key)
+    if not 0 <= start <= stop <= ds.shape[0]:
+        raise ImageError(f"{path}:{key} has {ds.shape[0]} rows; slice {start}:{stop} is out of range")
+    batch = ds[int(start):int(stop)]
+    if batch.dtype != np.uint8 or batch.ndim != 4 or batch.shape[3] != 3:
+        raise ImageError(f"{path}:{key}: expected (N, H, W, 3) uint8, got {batch.shape} {batch.dtype}")
+    return batch
+
+
+# ---------------------------------------------------------------- refs
+
+def _load_file(ref: tuple) -> np.ndarray:
+    return read_image(ref[1])
+
+
+def _load_h5_ref(ref: tuple) -> np.ndarray:
+    _, path, key, index = ref
+    return load_h5(path, key, index)
+
+
+def _load_synthetic(ref: tuple) -> np.ndarray:
+    from histofold.synthetic import render
+
+    _, seed, index, size, label, num_classes = ref
+    return render(seed, index, size, label, num_classes)
+
+
+LOADERS = {"file": _load_file, "h5": _load_h5_ref, "synthetic": _load_synthetic}
+
+
+def load_ref(ref: tuple, *, size=None) -> np.ndarray:
+    """An `Item.ref` (see histofold.sources) -> (H, W, 3) uint8, resized to `size` when given."""
+    loader = LOADERS.get(ref[0]) if ref else None
+    if loader is None:
+        raise ValueError(f"unknown image ref {ref!r}; the first element must be one of {', '.join(LOADERS)}")
+    image = loader(ref)
+    return image if size is None else resize(image, size)
