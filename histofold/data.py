@@ -191,8 +191,9 @@ def make_dataset(tfrec_dir: str, *, split: str = "train", folds=None, training: 
     if training:
         ds = (tf.data.Dataset.from_tensor_slices(files)
               .shuffle(len(files), seed=seed)
+              # deterministic=True keeps --seed runs repeatable on CPU; the reads stay parallel
               .interleave(tf.data.TFRecordDataset, cycle_length=min(len(files), CYCLE_LENGTH),
-                          num_parallel_calls=autotune, deterministic=False))
+                          num_parallel_calls=autotune, deterministic=True))
     else:
         ds = tf.data.TFRecordDataset(files)
     if cache:
@@ -207,8 +208,8 @@ def make_dataset(tfrec_dir: str, *, split: str = "train", folds=None, training: 
                    class_weight=class_weight, with_ids=with_ids),
         num_parallel_calls=autotune)
     ds = ds.batch(batch_size, drop_remainder=drop_remainder, num_parallel_calls=autotune)
-    if training:
-        options = tf.data.Options()
-        options.deterministic = False                       # speed over order once shuffled anyway
-        ds = ds.with_options(options)
+    if not repeat:  # a known length lets Keras size its progress and never warn "ran out of data"
+        n = sum(records.parse_shard_name(f)["count"] for f in files)
+        ds = ds.apply(tf.data.experimental.assert_cardinality(
+            n // batch_size if drop_remainder else -(-n // batch_size)))
     return ds.prefetch(autotune)
