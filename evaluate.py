@@ -1,7 +1,5 @@
 """Evaluate trained runs from their OOF predictions into a report worth publishing (see --help)."""
-import fire
-
-from histofold.cli import setup_logging, to_list
+from histofold.cli import run_cli, setup_logging, to_list
 
 
 def main(*, runs="", runs_dir="runs", compare="", name="", out_dir="reports", oof="oof.csv",
@@ -60,4 +58,4 @@ def main(*, runs="", runs_dir="runs", compare="", name="", out_dir="reports", oo
 
 
 if __name__ == "__main__":
-    fire.Fire(main)
+    run_cli(main)

@@ -1,7 +1,5 @@
 """Fine-tune a trained fold model with its backbone unfrozen (see `python finetune.py --help`)."""
-import fire
-
-from histofold.cli import setup_logging
+from histofold.cli import run_cli, setup_logging
 
 
 def main(*, run, unfreeze="all", lr=None, epochs=5, name="", schedule="cosine", warmup=0.1,
@@ -57,4 +55,4 @@ def main(*, run, unfreeze="all", lr=None, epochs=5, name="", schedule="cosine", 
 
 
 if __name__ == "__main__":
-    fire.Fire(main)
+    run_cli(main)

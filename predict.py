@@ -1,7 +1,5 @@
 """Predict the test set with TTA and fold/run ensembles into a validated submission (see --help)."""
-import fire
-
-from histofold.cli import setup_logging, to_list
+from histofold.cli import run_cli, setup_logging, to_list
 
 
 def main(*, runs="", runs_dir="runs", tfrecords="", tta=8, ensemble="mean", weights="", output="label",
@@ -60,4 +58,4 @@ def main(*, runs="", runs_dir="runs", tfrecords="", tta=8, ensemble="mean", weig
 
 
 if __name__ == "__main__":
-    fire.Fire(main)
+    run_cli(main)

@@ -1,14 +1,12 @@
 """Data stage entry point: dataset -> QC -> folds/folds.csv -> k-fold TFRecord shards (see histofold/prepare.py)."""
 from __future__ import annotations
 
-import fire
-
-from histofold.cli import setup_logging, to_list
+from histofold.cli import run_cli, setup_logging, to_list
 
 
 def main(*, source="synthetic", input=None, out="tfrecords", folds_dir="folds", folds=5, seed=42,
          encoding="auto", jpeg_quality=95, size=None, shard_mb=100, workers=None, groups=None, classes=None,
-         group_regex=None, test_input=None, drop_blank=False, near_dup=True, dedupe=False, verify=False,
+         group_regex=None, test_input=None, holdout=0.0, drop_blank=False, near_dup=True, dedupe=False, verify=False,
          overwrite=False, **source_options):
     r"""Write leakage-safe k-fold TFRecords: QC every image, decide folds once, shard resumably.
 
@@ -37,6 +35,8 @@ def main(*, source="synthetic", input=None, out="tfrecords", folds_dir="folds", 
       group_regex: folder: regex on the relative path whose first capture group is the group
         (BreakHis patient: 'SOB_._[A-Z]+-(\d+-\d+)').
       test_input: folder: a second class-per-folder tree written as (labeled) test shards.
+      holdout: for datasets without a test set: hold out this fraction of the labeled images
+        (stratified, never sharing a group with the folds) as a labeled test set, e.g. 0.2.
       drop_blank: reject blank patches (glass, black frames) from train instead of only flagging them
         in folds.csv's `blank` column. Test images are never dropped.
       near_dup: group near duplicates (d4-invariant perceptual hash, flips/rotations included):
@@ -72,7 +72,8 @@ def main(*, source="synthetic", input=None, out="tfrecords", folds_dir="folds", 
         size=None if size is None else int(size), shard_mb=float(shard_mb),
         workers=None if workers is None else int(workers), drop_blank=bool(drop_blank),
         near_dup=near_dup if isinstance(near_dup, bool) else int(near_dup), dedupe=bool(dedupe),
-        verify=bool(verify), overwrite=bool(overwrite), source_options={**options, **source_options})
+        verify=bool(verify), overwrite=bool(overwrite), holdout=float(holdout),
+        source_options={**options, **source_options})
     return prepare(config)
 
 
@@ -81,4 +82,4 @@ if __name__ == "__main__":
 
     # main takes **source_options, so fire would swallow --help as an option: route it to fire's help
     help_flags = {"--help", "-h"} & set(sys.argv[1:])
-    fire.Fire(main, command=["--", "--help"] if help_flags else None)
+    run_cli(main, command=["--", "--help"] if help_flags else None)

@@ -1,7 +1,5 @@
 """Train fold models on the TFRecords written by prepare_tfrecords.py (see `python train.py --help`)."""
-import fire
-
-from histofold.cli import setup_logging, to_list
+from histofold.cli import run_cli, setup_logging, to_list
 
 
 def main(*, fold="0", arch="resnet50", tfrecords="tfrecords", name="", runs_dir="runs", image_size=0,
@@ -98,4 +96,4 @@ def _str(value) -> str:
 
 
 if __name__ == "__main__":
-    fire.Fire(main)
+    run_cli(main)

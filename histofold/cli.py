@@ -25,3 +25,26 @@ def setup_logging() -> logging.Logger:
     log.setLevel(logging.INFO)
     log.propagate = False
     return log
+
+
+# Errors users cause (bad flags, missing files, wrong inputs) print as one line, not a traceback.
+USER_ERRORS = (ValueError, FileNotFoundError, KeyError, RuntimeError, FloatingPointError)
+
+
+def run_cli(main, command=None) -> None:
+    """fire.Fire(main), printing a user error as `error: <message>` and exiting 2.
+
+    HISTOFOLD_TRACEBACK=1 shows the full traceback instead.
+    """
+    import sys
+
+    import fire
+
+    try:
+        fire.Fire(main, command=command)
+    except USER_ERRORS as e:
+        if os.environ.get("HISTOFOLD_TRACEBACK"):
+            raise
+        message = e.args[0] if isinstance(e, KeyError) and e.args else e
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(2)

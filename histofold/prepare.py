@@ -72,6 +72,7 @@ class PrepareConfig:
     verify: bool = False
     overwrite: bool = False
     cache_mb: float = 2000.0         # keep pass-1 encodings in memory below this estimate
+    holdout: float = 0.0             # fraction of labeled images held out as a labeled test set
     source_options: dict = field(default_factory=dict)
 
     def __post_init__(self):
@@ -304,6 +305,30 @@ def _dedupe(items: list, results: list, keep: list, rejects: list) -> list:
 
 
 # ---------------------------------------------------------------- folds (decided once)
+
+def hold_out(screened: Screened, *, config: PrepareConfig) -> None:
+    """Move a stratified, grouped `holdout` fraction of the labeled images to a labeled test set.
+
+    For datasets without a test set (CRC-VAL-HE-7K, seed 001's 80/20 and seed 003's 90/10 splits):
+    the held-out part never shares a slide/patient/duplicate group with the folds.
+    """
+    from histofold.folds import assign_folds
+
+    if not 0 < config.holdout < 1:
+        raise ValueError(f"--holdout={config.holdout}: pass a fraction between 0 and 1, e.g. 0.2")
+    if any(it.split == "test" for it in screened.items):
+        raise ValueError("--holdout: this dataset already has a test set; drop --holdout (or the test input)")
+    train = [k for k, it in enumerate(screened.items) if it.split == "train"]
+    labels = np.array([screened.items[k].label for k in train])
+    groups = np.array([screened.groups[screened.items[k].id] for k in train])
+    parts = max(2, round(1 / config.holdout))  # the held-out part is one of `parts` grouped folds
+    part = assign_folds(labels, groups, n_folds=parts, seed=config.seed + 1)
+    for k, p in zip(train, part):
+        if p == 0:
+            screened.items[k] = dataclasses.replace(screened.items[k], split="test")
+    log.info("holdout: %d of %d labeled images held out as the test set (grouped, stratified)",
+             int((part == 0).sum()), len(train))
+
 
 def decide_folds(screened: Screened, listing: sources.Listing, *, config: PrepareConfig):
     """folds.csv frame (id, label, fold, group, source, class, blank): reused when the same inputs,
@@ -554,6 +579,8 @@ def prepare(config: PrepareConfig, *, on_shard=None) -> dict:
         screened = screen(listing, items, results, config=config,
                           shape=(config.size, config.size) if config.size else None)
         del results
+        if config.holdout:
+            hold_out(screened, config=config)
         shape = (int(config.size), int(config.size)) if config.size else _kept_shape(screened)
         write_reports(screened, config=config)
         folds_df, _ = decide_folds(screened, listing, config=config)
