@@ -547,12 +547,15 @@ def _summarise(manifest: dict, screened_info: dict, *, config: PrepareConfig, se
 def _log_tables(folds_df, summary: dict, classes: list[str]) -> None:
     from histofold.folds import class_balance
 
-    log.info("per-fold class balance:\n%s", class_balance(folds_df, classes=classes).to_string())
+    table = class_balance(folds_df, classes=classes)
+    _write_csv(summary["class_balance_csv"], table.reset_index())
+    log.info("per-fold class balance:\n%s", table.to_string())
     log.info("%d inputs = %d written + %d rejected | duplicates: %d exact, %d near images, %d label "
              "conflicts | blank: %d", summary["inputs"], summary["written"], summary["rejected"],
              summary["duplicates_exact"], summary["duplicates_near"], summary["duplicate_conflicts"],
              summary["blank"])
-    log.info("wrote %s, %s, %s", summary["manifest"], summary["folds_csv"], summary["rejects_csv"])
+    log.info("wrote %s, %s, %s, %s", summary["manifest"], summary["folds_csv"], summary["class_balance_csv"],
+             summary["rejects_csv"])
 
 
 # ---------------------------------------------------------------- the stage
@@ -605,6 +608,7 @@ def prepare(config: PrepareConfig, *, on_shard=None) -> dict:
             "duplicate_conflicts": int(dups.loc[dups["conflict"], "cluster"].nunique()) if len(dups) else 0,
             "blank": len(screened.blank_ids)}
     summary = _summarise(manifest, info, config=config, seconds=time.time() - start, shards_written=n_written)
+    summary["class_balance_csv"] = _join(config.folds_dir, "class_balance.csv")
     _log_tables(folds_df, summary, listing.classes)
     if config.verify:
         summary["verify"] = verify_tfrecords(config.out)

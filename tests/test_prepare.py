@@ -40,6 +40,8 @@ def test_hcd_mock_end_to_end_raw_round_trip_and_noop_rerun(tmp_path):
     assert (folds.groupby("fold")["label"].agg(lambda s: (s == 0).sum()) == 2).all()
     assert (folds.groupby("fold")["label"].sum() == 1).all()
     assert {"id", "label", "fold", "group", "source", "class", "blank"} <= set(folds.columns)
+    balance = pd.read_csv(tmp_path / "folds" / "class_balance.csv")
+    assert balance[["0", "1"]].iloc[:5].values.tolist() == [[2, 1]] * 5
     records, _ = assert_identity(summary, tmp_path)
     m = manifest_of(tmp_path)
     assert (m["counts"]["train"], m["counts"]["test"], m["encoding"]) == (15, 11, "raw")
