@@ -3,7 +3,7 @@ from histofold.cli import run_cli, setup_logging, to_list
 
 
 def main(*, runs="", runs_dir="runs", tfrecords="", tta=8, ensemble="mean", weights="", output="label",
-         name="", out_dir="submissions", oof=False, batch_size=256, input="", out=""):
+         name="", out_dir="submissions", oof=False, batch_size=256, precision="auto", input="", out=""):
     """Predict with every fold model of the given runs, ensemble them and write a submission CSV.
 
     With no flags: the latest run under runs/, its tfrecords' test shards, 8-way dihedral TTA, mean of
@@ -31,6 +31,8 @@ def main(*, runs="", runs_dir="runs", tfrecords="", tta=8, ensemble="mean", weig
         out_dir: where submissions go.
         oof: also recompute every fold's OOF predictions with the same TTA and print the CV score.
         batch_size: inference batch size (large keeps the device busy).
+        precision: auto (mixed_float16 on GPUs with tensor cores, else float32) | float32 |
+            mixed_float16 | mixed_bfloat16.
         input: a folder or glob of new images to predict instead of the test shards.
         out: with --input, the predictions CSV (default predictions.csv).
     """
@@ -50,7 +52,7 @@ def main(*, runs="", runs_dir="runs", tfrecords="", tta=8, ensemble="mean", weig
         cfg = PredictConfig(runs=run_list, runs_dir=runs_dir, tfrecords=tfrecords, tta=int(tta),
                             ensemble=ensemble, weights=tuple(float(w) for w in to_list(weights)),
                             output=output, name=name, out_dir=out_dir, oof=bool(oof),
-                            batch_size=int(batch_size))
+                            batch_size=int(batch_size), precision=precision)
         if cfg.tta not in (1, 2, 4, 8):
             raise ValueError(f"--tta={tta}: choose 1, 2, 4 or 8")
         summary = run_predict(cfg)

@@ -227,6 +227,8 @@ AUGMENT_PRESETS = {
     "none": (),
     "dihedral": (random_dihedral,),
     "light": (random_dihedral, random_brightness_contrast),
+    # light + stain variation (HED jitter, hue/saturation): colour robustness across slides/scanners
+    "medium": (random_dihedral, random_hed, random_hue_saturation, random_brightness_contrast),
     "strong": (
         random_dihedral,
         random_crop_resize,

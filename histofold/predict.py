@@ -32,7 +32,7 @@ class PredictConfig:
     out_dir: str = "submissions"
     oof: bool = False                # also recompute every fold's OOF with the same TTA
     batch_size: int = 256
-    input: str = ""                  # a folder or glob of new images -> predictions CSV instead
+    precision: str = "auto"          # inference dtype policy: fp16 on tensor-core GPUs, fp32 on CPU
 
 
 def predict_frame(model, dataset, *, n: int, class_names: list[str], verbose: bool = True) -> pd.DataFrame:
@@ -53,9 +53,14 @@ def prob_columns(class_names: list[str]) -> list[str]:
 
 def run_predict(cfg: PredictConfig) -> dict:
     """Predict the test shards with every fold of every run, ensemble, write and validate the submission."""
-    from histofold import data, ensemble, submission
+    from histofold import data, ensemble, strategy, submission
 
     run_list = list(cfg.runs) or [runs.latest_run(cfg.runs_dir)]
+    # Inference runs on the default device (one GPU, or the CPU/TPU-VM host); mixed precision where
+    # the GPU has tensor cores. The output layer stays float32 under any policy.
+    default, _ = strategy.resolve_strategy("default")
+    policy = strategy.apply_precision(strategy.resolve_precision(cfg.precision, strategy=default))
+    log.info("predict: %s inference, %d-way TTA, batch %d", policy, cfg.tta, cfg.batch_size)
     per_run, class_names, tfrec = [], None, None
     for run in run_list:
         frames, conf = _predict_run(run, cfg)
