@@ -39,8 +39,9 @@ def main(*, fold="0", arch="resnet50", tfrecords="tfrecords", name="", runs_dir=
         schedule: onecycle (warm-up then cosine annealing) | cosine (linear warm-up, cosine) |
             constant | plateau (halve on plateau of --monitor).
         warmup: fraction of all steps spent warming up (onecycle and cosine).
-        augment: none | light (dihedral + mild colour) | strong (dihedral, affine, HED stain, colour,
-            crop) | dihedral | seed001 (flip, rotation, translation, shear, histogram equalisation).
+        augment: none | dihedral | light (dihedral + mild brightness/contrast) | medium (light + HED
+            stain and hue/saturation jitter) | strong (medium + affine + crop) | seed001 (flip,
+            rotation, translation, shear, histogram equalisation).
         class_weight: balanced | none | JSON list or {class: weight}; applied as per-sample weights
             inside tf.data, so it also works under TPUStrategy.
         label_smoothing: label smoothing of the cross-entropy.

@@ -18,7 +18,7 @@ RECIPES: dict[str, dict[str, dict]] = {
     # after TTA and fold ensembling, whole chain within 15 minutes).
     "pcam-cpu": {
         "prepare": {"folds": 5},
-        "train": {"fold": "all", "arch": "histo_cnn", "width": 16, "image_size": 48, "epochs": 6,
+        "train": {"fold": "all", "arch": "histo_cnn", "width": 16, "image_size": 48, "epochs": 12,
                   "batch_size": 64, "lr": 3e-3, "augment": "light"},
         "predict": {"tta": 8},
     },
