@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import io
 import json
 import logging
 import multiprocessing
@@ -350,7 +351,7 @@ def decide_folds(screened: Screened, listing: sources.Listing, *, config: Prepar
     old = _read_json(meta_path)
     if old == meta and _gfile().exists(path):
         with _gfile().GFile(path, "rb") as f:
-            prev = pd.read_csv(f, dtype={"id": str, "group": str})
+            prev = pd.read_csv(io.BytesIO(f.read()), dtype={"id": str, "group": str})
         log.info("folds: reusing %s (same ids, labels, groups, seed and fold count)", path)
         return prev, False
     if _gfile().exists(path) and not config.overwrite:
@@ -655,9 +656,9 @@ def verify_tfrecords(out_dir: str) -> dict:
                 problems.append(f"{shard['file']}: record {rid} has fold {fold}, shard is fold {shard['fold']}")
             seen.setdefault(rid, []).append(shard["fold"])
     with tf.io.gfile.GFile(manifest["folds_csv"], "rb") as f:
-        folds_df = pd.read_csv(f, dtype={"id": str})
+        folds_df = pd.read_csv(io.BytesIO(f.read()), dtype={"id": str})
     with tf.io.gfile.GFile(_join(out_dir, TEST_IDS), "rb") as f:
-        test_ids = pd.read_csv(f, dtype={"id": str})["id"].tolist()
+        test_ids = pd.read_csv(io.BytesIO(f.read()), dtype={"id": str})["id"].tolist()
     expected = dict(zip(folds_df["id"], folds_df["fold"].astype(int)))
     expected.update({i: -1 for i in test_ids})
     for rid, folds in seen.items():
