@@ -1,8 +1,8 @@
 """The tf.data reader: sharded TFRecords in, batches of float32 [0, 255] images and labels out.
 
 One chain, top to bottom (see `make_dataset`): list shards by name -> interleave (training) ->
-cache serialized records (optional) -> shuffle + repeat (training) -> parse, decode, resize ->
-augment (training) -> labels and sample weights -> batch -> prefetch.
+cache serialized records (optional) -> shuffle + repeat (training) -> batch the serialized records ->
+one map per batch: parse, decode, resize, augment (training), labels and sample weights -> prefetch.
 """
 from __future__ import annotations
 
@@ -90,11 +90,11 @@ def balanced_class_weights(counts) -> list[float]:
     return [total / (k * c) if c > 0 else 0.0 for c in counts]
 
 
-# ---------------------------------------------------------------- per-record transforms
+# ---------------------------------------------------------------- per-batch transforms
 
 LABEL_MODES = {
-    # label int64 scalar -> y; binary (1,) float32, categorical (K,) one-hot float32, int int32 scalar
-    "binary": lambda label, k: tf.cast(label, tf.float32)[None],
+    # labels int64 (B,) -> y; binary (B, 1) float32, categorical (B, K) one-hot float32, int (B,) int32
+    "binary": lambda label, k: tf.cast(label, tf.float32)[:, None],
     "categorical": lambda label, k: tf.one_hot(label, k, dtype=tf.float32),
     "int": lambda label, k: tf.cast(label, tf.int32),
 }
@@ -110,7 +110,7 @@ def _as_size(image_size) -> tuple[int, int] | None:
 
 
 def _resolve_augment(augment, *, seed: int):
-    """Preset name or callable(image, seed_pair) -> callable, or None for no augmentation."""
+    """Preset name or callable(images (B, H, W, 3), seed_pair) -> callable, or None for no augmentation."""
     if callable(augment):
         return augment
     if augment in (None, "none"):
@@ -118,31 +118,47 @@ def _resolve_augment(augment, *, seed: int):
     return aug.build_augmenter(augment, seed=seed)
 
 
-def _record_fn(*, encoding: str, stored: tuple[int, int], size: tuple[int, int], augment_fn, seed: int,
-               label_mode: str, num_classes: int, class_weight, with_ids: bool):
-    """(index, serialized) -> (x (H, W, 3) float32 [0, 255], y[, w | id]): one map does it all."""
+_SPEC = {k: v for k, v in records.feature_spec().items() if k in ("image", "label", "id")}  # all we read
+
+
+def _parse_decode_batch(stored: tuple[int, int], encoding: str):
+    """serialized (B,) -> (uint8 (B, H, W, 3) images, {label (B,), id (B,)})."""
+    def batch(serialized):
+        features = tf.io.parse_example(serialized, _SPEC)                # vectorised over the batch
+        if encoding == "raw":
+            # every record has the manifest's size, so the (B,) strings decode to one (B, H*W*3)
+            # tensor (a record of another size fails loudly here or in the reshape)
+            images = tf.reshape(tf.io.decode_raw(features["image"], tf.uint8), [-1, *stored, 3])
+        else:
+            images = tf.map_fn(lambda e: tf.ensure_shape(records.decode({"image": e}, encoding), [*stored, 3]),
+                               features["image"], fn_output_signature=tf.TensorSpec([*stored, 3], tf.uint8))
+        return images, {"label": features["label"], "id": features["id"]}
+    return batch
+
+
+def _batch_fn(*, size: tuple[int, int], augment_fn, seed: int, label_mode: str, num_classes: int,
+              class_weight, with_ids: bool):
+    """(batch index, uint8 images (B, H, W, 3), {label, id}) -> (x (B, H, W, 3) float32 [0, 255], y[, w | id])."""
     to_y = LABEL_MODES[label_mode]
     weights = None if class_weight is None else tf.constant([float(w) for w in class_weight], tf.float32)
 
-    def record(index, serialized):
-        features = records.parse(serialized)
-        image = tf.ensure_shape(records.decode(features, encoding), [*stored, 3])  # uint8
-        if size != stored:
-            image = tf.image.resize(image, size, method="bilinear")           # float32
+    def batch(index, images, features):
+        if tuple(images.shape[1:3]) != size:
+            images = tf.image.resize(images, size, method="bilinear")     # float32
         if augment_fn is not None:
-            # element i of the (repeated) stream gets seed pair (seed, i): a new draw every epoch;
-            # it may get uint8 (cheaper to permute) and returns float32
-            image = augment_fn(image, tf.stack([tf.constant(seed, tf.int64), index]))
-        image = tf.ensure_shape(tf.cast(image, tf.float32), [*size, 3])
+            # batch i of the (repeated) stream gets seed pair (seed, i): a new draw every batch and
+            # epoch, each image its own; it may get uint8 (cheaper to permute) and returns float32
+            images = augment_fn(images, tf.stack([tf.constant(seed, tf.int64), index]))
+        images = tf.ensure_shape(tf.cast(images, tf.float32), [None, *size, 3])
         label = features["label"]
         y = to_y(label, num_classes)
         if weights is not None:
             # unlabeled records (-1) weigh nothing
-            return image, y, tf.where(label >= 0, tf.gather(weights, tf.maximum(label, 0)), 0.0)
+            return images, y, tf.where(label >= 0, tf.gather(weights, tf.maximum(label, 0)), 0.0)
         if with_ids:
-            return image, y, features["id"]
-        return image, y
-    return record
+            return images, y, features["id"]
+        return images, y
+    return batch
 
 
 def _check_args(*, manifest: dict, label_mode: str, num_classes: int, class_weight, with_ids: bool,
@@ -174,6 +190,9 @@ def make_dataset(tfrec_dir: str, *, split: str = "train", folds=None, training: 
     training=True: interleaved shards, shuffled records, repeated, augmented, remainder dropped.
     training=False: shard then record order, no augmentation, remainder kept. `repeat` and
     `drop_remainder` override those defaults; see docs/design.md for the label shapes.
+    `augment` is a preset name (augment.AUGMENT_PRESETS) or a callable
+    `fn(images (B, H, W, 3) uint8 or float32, seed_pair (2,) int64) -> (B, H, W, 3) float32 [0, 255]`
+    called once per batch with seed_pair = (seed, batch index); give each image its own draws.
     """
     manifest = load_manifest(tfrec_dir)
     _check_args(manifest=manifest, label_mode=label_mode, num_classes=num_classes,
@@ -202,12 +221,19 @@ def make_dataset(tfrec_dir: str, *, split: str = "train", folds=None, training: 
         ds = ds.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
     if repeat:
         ds = ds.repeat()
-    ds = ds.enumerate().map(                                # (index, serialized)
-        _record_fn(encoding=manifest["encoding"], stored=stored, size=size, augment_fn=augment_fn,
-                   seed=seed, label_mode=label_mode, num_classes=num_classes,
-                   class_weight=class_weight, with_ids=with_ids),
-        num_parallel_calls=autotune)
-    ds = ds.batch(batch_size, drop_remainder=drop_remainder, num_parallel_calls=autotune)
+    encoding = manifest["encoding"]
+    if encoding not in records.ENCODINGS:
+        raise ValueError(f"{tfrec_dir}/{MANIFEST} has unknown encoding {encoding!r}; "
+                         f"choose one of {', '.join(records.ENCODINGS)}")
+    batch_fn = _batch_fn(size=size, augment_fn=augment_fn, seed=seed, label_mode=label_mode,
+                         num_classes=num_classes, class_weight=class_weight, with_ids=with_ids)
+    # batch the serialized records first, then one vectorised map per batch: parse, decode (PNG/JPEG:
+    # a map_fn loop inside the batch map, measured faster than a per-record map), resize, augment,
+    # labels; per-record maps and per-image augmentation cost more than the work itself
+    decode = _parse_decode_batch(stored, encoding)
+    ds = ds.batch(batch_size, drop_remainder=drop_remainder)
+    ds = ds.enumerate().map(lambda index, serialized: batch_fn(index, *decode(serialized)),
+                            num_parallel_calls=autotune)
     if not repeat:  # a known length lets Keras size its progress and never warn "ran out of data"
         n = sum(records.parse_shard_name(f)["count"] for f in files)
         ds = ds.apply(tf.data.experimental.assert_cardinality(

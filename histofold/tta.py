@@ -49,7 +49,9 @@ def make_forward(model):
     """A compiled inference fn: (B, H, W, 3) batch -> model output as float32 (mixed precision safe)."""
     import tensorflow as tf
 
-    @tf.function(reduce_retracing=True)
+    # one trace per model whatever the batch size (the last batch is short); TTA keeps H, W
+    _, h, w, c = model.input_shape
+    @tf.function(input_signature=[tf.TensorSpec([None, h, w, c], tf.float32)])
     def forward(x):
         return tf.cast(model(x, training=False), tf.float32)
 

@@ -51,31 +51,80 @@ def test_random_dihedral_keeps_shape_of_non_square_images():
     assert all(np.frombuffer(o, np.uint8).size == rect.size for o in outs)
 
 
+@pytest.fixture(scope="module")
+def batch(image):
+    """Four copies of the image: per-image draws make them differ after augmentation."""
+    return np.stack([image] * 4)
+
+
 @pytest.mark.parametrize("preset", sorted(A.AUGMENT_PRESETS))
-def test_presets_keep_shape_dtype_range_and_are_seeded(image, preset):
+def test_presets_keep_shape_dtype_range_and_are_seeded(batch, preset):
     fn = A.build_augmenter(preset, seed=7)
-    a = fn(image, tf.constant([1, 2])).numpy()
-    b = fn(image, tf.constant([1, 2])).numpy()
-    assert a.shape == image.shape and a.dtype == np.float32
+    a = fn(batch, tf.constant([1, 2])).numpy()
+    b = fn(batch, tf.constant([1, 2])).numpy()
+    assert a.shape == batch.shape and a.dtype == np.float32
     assert a.min() >= 0.0 and a.max() <= 255.0
     np.testing.assert_array_equal(a, b)
     if preset == "none":
-        np.testing.assert_array_equal(a, image.astype(np.float32))
+        np.testing.assert_array_equal(a, batch.astype(np.float32))
     else:
-        # different element seeds and a different builder seed give different images (dihedral-only
+        # different batch seeds and a different builder seed give different images (dihedral-only
         # presets repeat 1 time in 8, hence the majority vote over 12 seeds)
-        others = [fn(image, tf.constant([1, s])).numpy() for s in range(3, 15)]
-        assert sum(not np.array_equal(a, o) for o in others) >= 8
+        others = [fn(batch, tf.constant([1, s])).numpy()[0] for s in range(3, 15)]
+        assert sum(not np.array_equal(a[0], o) for o in others) >= 8
         fn8 = A.build_augmenter(preset, seed=8)
-        assert sum(not np.array_equal(fn8(image, tf.constant([1, s])).numpy(), o)
+        assert sum(not np.array_equal(fn8(batch, tf.constant([1, s])).numpy()[0], o)
                    for s, o in zip(range(3, 15), others)) >= 8
 
 
-def test_presets_work_in_graph_mode(image):
+@pytest.mark.parametrize("preset", ["light", "medium", "strong", "seed001"])
+def test_presets_draw_per_image_within_a_batch(batch, preset):
+    out = A.build_augmenter(preset, seed=0)(batch, tf.constant([0, 5])).numpy()
+    assert len({o.tobytes() for o in out}) == len(batch)
+
+
+def test_presets_work_in_graph_mode_with_unknown_batch_size(image):
     fn = tf.function(A.build_augmenter("strong"), input_signature=[
-        tf.TensorSpec([24, 24, 3], tf.float32), tf.TensorSpec([2], tf.int64)])
-    out = fn(tf.constant(image, tf.float32), tf.constant([3, 4], tf.int64))
-    assert out.shape == (24, 24, 3)
+        tf.TensorSpec([None, 24, 24, 3], tf.float32), tf.TensorSpec([2], tf.int64)])
+    out = fn(tf.constant(np.stack([image] * 3), tf.float32), tf.constant([3, 4], tf.int64))
+    assert out.shape == (3, 24, 24, 3)
+
+
+def test_batch_random_dihedral_draws_every_element_per_image(batch):
+    expected = {A.dihedral(batch[0], k).numpy().tobytes() for k in A.DIHEDRAL}
+    drawn = set()
+    for s in range(16):
+        out = A.batch_random_dihedral(tf.constant(batch), tf.constant([s, 1])).numpy()
+        assert out.dtype == np.uint8
+        drawn |= {o.tobytes() for o in out}
+    assert drawn == expected
+
+
+def test_batch_ops_match_the_one_image_ops_and_zero_strength_is_identity(batch):
+    seed = tf.constant([4, 2])
+    x = tf.constant(batch)
+    for batch_op, op in [(A.batch_random_hed, A.random_hed), (A.batch_random_affine, A.random_affine),
+                         (A.batch_random_hue_saturation, A.random_hue_saturation),
+                         (A.batch_random_brightness_contrast, A.random_brightness_contrast),
+                         (A.batch_random_crop_resize, A.random_crop_resize)]:
+        out = batch_op(x, seed).numpy()
+        np.testing.assert_allclose(out[0], op(batch[0], seed).numpy(), atol=1e-3)   # image 0 = batch of one
+        assert not np.array_equal(out[0], out[1])
+    zero = [A.batch_random_hed(x, seed, sigma=0.0, bias=0.0),
+            A.batch_random_hue_saturation(x, seed, hue=0.0, saturation=0.0),
+            A.batch_random_brightness_contrast(x, seed, brightness=0.0, contrast=0.0),
+            A.batch_random_affine(x, seed, rotate_deg=0, translate=0, shear_deg=0, zoom=0),
+            A.batch_random_crop_resize(x, seed, scale=(1.0, 1.0))]
+    for out in zero:
+        np.testing.assert_allclose(out.numpy(), batch, atol=0.01)
+
+
+def test_batch_equalize_equals_per_image():
+    rng = np.random.default_rng(3)
+    imgs = np.stack([rng.normal(m, 10, (16, 16, 3)).clip(0, 255).astype(np.uint8) for m in (60, 150)])
+    out = A.batch_equalize_histogram(imgs).numpy()
+    for o, i in zip(out, imgs):
+        np.testing.assert_array_equal(o, A.equalize_histogram(i).numpy())
 
 
 def test_unknown_preset_lists_valid_names():

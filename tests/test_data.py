@@ -199,3 +199,28 @@ def test_bad_arguments_are_named(tfrec):
         data.make_dataset(tfrec_dir, class_weight=[1, 2, 3])
     with pytest.raises(ValueError, match="unknown augment preset"):
         data.make_dataset(tfrec_dir, training=True, augment="heavy")
+
+
+def test_augment_callable_gets_batches_and_batch_seed_pairs(tfrec):
+    tfrec_dir, _ = tfrec
+    import tensorflow as tf
+    seen = []
+
+    def augment(images, seed_pair):
+        seen.append(tuple(images.shape))
+        # tag each batch with its seed pair: (seed, batch index) -> pixel values 5 + index
+        return tf.zeros_like(tf.cast(images, tf.float32)) + tf.cast(seed_pair[0] + seed_pair[1], tf.float32)
+
+    ds = data.make_dataset(tfrec_dir, training=True, batch_size=4, augment=augment, seed=5)
+    xs = [b[0].numpy() for b in ds.take(3)]
+    assert seen and seen[0][1:] == (SIZE, SIZE, 3)
+    assert [float(x[0, 0, 0, 0]) for x in xs] == [5.0, 6.0, 7.0]
+
+
+@pytest.mark.parametrize("encoding", ["raw", "jpeg"])
+def test_training_batches_for_each_encoding(tmp_path, encoding):
+    tfrec_dir, _ = _write(tmp_path, encoding)
+    ds = data.make_dataset(tfrec_dir, training=True, batch_size=5, augment="strong", seed=2)
+    for x, y in ds.take(4):
+        assert x.shape == (5, SIZE, SIZE, 3) and y.shape == (5, 1)
+        assert 0.0 <= x.numpy().min() and x.numpy().max() <= 255.0
