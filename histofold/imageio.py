@@ -24,7 +24,9 @@ import hashlib
 import io
 import os
 import shutil
+import struct
 import tempfile
+import zlib
 
 import numpy as np
 from PIL import Image
@@ -66,7 +68,71 @@ def read_image(path) -> np.ndarray:
     data = read_bytes(path)
     if not data:
         raise ImageError(f"zero-byte file: {os.fspath(path)}")
+    if data[:4] in (b"II*\0", b"MM\0*"):
+        fast = plain_tiff_rgb(data)
+        if fast is not None:
+            return fast
     return decode_image(data, name=os.fspath(path))
+
+
+_TIFF_TYPES = {3: ("H", 2), 4: ("I", 4)}  # SHORT, LONG: the only types the fast path reads
+# tag: values it may take for the fast path (absent tags default as in the TIFF spec)
+_TIFF_REQUIRE = {259: (1,), 262: (2,), 277: (3,), 284: (1,), 317: (1,), 339: (1,), 274: (1,), 266: (1,)}
+_TIFF_DEFAULT_1 = (259, 284, 317, 339, 274, 266)  # absent means 1 (no compression, chunky, ...)
+
+
+def plain_tiff_rgb(data: bytes) -> np.ndarray | None:
+    """Uncompressed, chunky, 8-bit RGB TIFF (Kaggle HCD's patches) -> (H, W, 3) uint8, else None.
+
+    Pillow's TIFF plugin parses the tags in Python (~200 us for a 96x96 patch); this reads the first IFD
+    with struct and copies the strips. Anything else (compression, other modes, extra samples, tiles,
+    orientation, truncation) returns None and the caller falls back to Pillow, which keeps its errors.
+    """
+    try:
+        end = "<" if data[:2] == b"II" else ">"
+        (ifd,) = struct.unpack_from(end + "I", data, 4)
+        (n,) = struct.unpack_from(end + "H", data, ifd)
+        tags = {}
+        for k in range(n):
+            tag, typ, count, value = struct.unpack_from(end + "HHI4s", data, ifd + 2 + 12 * k)
+            if typ not in _TIFF_TYPES:
+                if tag in (256, 257, 258, 273, 279) or tag in _TIFF_REQUIRE or tag == 338:
+                    return None
+                continue
+            code, size = _TIFF_TYPES[typ]
+            if count * size <= 4:
+                vals = struct.unpack_from(f"{end}{count}{code}", value)
+            else:
+                (off,) = struct.unpack_from(end + "I", value)
+                vals = struct.unpack_from(f"{end}{count}{code}", data, off)
+            tags[tag] = vals
+        if 338 in tags or 322 in tags:  # extra samples (alpha) or tiles
+            return None
+        for t, ok in _TIFF_REQUIRE.items():
+            vals = tags.get(t, (1,) if t in _TIFF_DEFAULT_1 else ())
+            if not vals or any(v not in ok for v in vals):
+                return None
+        w, h = tags[256][0], tags[257][0]
+        if tags.get(258) != (8, 8, 8) or w < 1 or h < 1:
+            return None
+        offsets, counts = tags[273], tags[279]
+        need = w * h * 3
+        if len(offsets) != len(counts):
+            return None
+        if len(offsets) == 1:
+            if counts[0] < need or offsets[0] + need > len(data):
+                return None
+            buf = data[offsets[0]:offsets[0] + need]
+        else:
+            if any(o + c > len(data) for o, c in zip(offsets, counts)):
+                return None
+            buf = b"".join(data[o:o + c] for o, c in zip(offsets, counts))
+            if len(buf) < need:
+                return None
+            buf = buf[:need]
+        return np.frombuffer(bytearray(buf), np.uint8).reshape(h, w, 3)
+    except (struct.error, KeyError, IndexError):
+        return None
 
 
 def decode_image(data: bytes, *, name: str = "<bytes>") -> np.ndarray:
@@ -153,6 +219,31 @@ def resize(image: np.ndarray, size) -> np.ndarray:
     shrinking = h <= image.shape[0] and w <= image.shape[1]
     method = Image.Resampling.BOX if shrinking else Image.Resampling.BILINEAR
     return np.asarray(Image.fromarray(image).resize((w, h), method), dtype=np.uint8)
+
+
+def _png_chunk(tag: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(data, zlib.crc32(tag)))
+
+
+def encode_png(image: np.ndarray) -> bytes:
+    """(H, W, 3) uint8 -> a standard 8-bit RGB PNG, ~4x faster than Pillow's at compress_level=1.
+
+    Every row uses the Up filter (computed in numpy) and deflate runs Huffman-only (no match search):
+    on 96x96 H&E patches 0.27 ms/img and 24.5 KB vs Pillow's 1.1 ms and 22.6 KB (raw: 27.6 KB). Any PNG
+    decoder (tf.io.decode_png, Pillow) reads it back pixel-exact.
+    """
+    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+        raise ValueError(f"encode_png wants (H, W, 3) uint8, got {image.shape} {image.dtype}")
+    h, w, _ = image.shape
+    a = image.reshape(h, w * 3)
+    rows = np.empty((h, w * 3 + 1), np.uint8)
+    rows[:, 0] = 2  # filter type Up: byte - byte above (mod 256); the first row is against zeros
+    rows[0, 1:] = a[0]
+    np.subtract(a[1:], a[:-1], out=rows[1:, 1:])
+    z = zlib.compressobj(1, zlib.DEFLATED, 15, 9, zlib.Z_HUFFMAN_ONLY)
+    idat = z.compress(rows) + z.flush()
+    return (b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
+            + _png_chunk(b"IDAT", idat) + _png_chunk(b"IEND", b""))
 
 
 # ---------------------------------------------------------------- HDF5 (PCam)

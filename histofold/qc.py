@@ -92,8 +92,9 @@ def blank_stats(image: np.ndarray, *, thumb: np.ndarray | None = None) -> tuple[
     reads ~15-40.
     """
     thumb = gray_thumb(image) if thumb is None else thumb
-    r, g, b = image[..., 0], image[..., 1], image[..., 2]
-    white = np.count_nonzero((r >= WHITE_LEVEL) & (g >= WHITE_LEVEL) & (b >= WHITE_LEVEL)) / r.size
+    px = np.ascontiguousarray(image).reshape(-1, 3)
+    darkest = np.minimum(np.minimum(px[:, 0], px[:, 1]), px[:, 2])  # glass: every channel >= WHITE_LEVEL
+    white = np.count_nonzero(darkest >= WHITE_LEVEL) / max(len(px), 1)
     return float(thumb.std()), float(white)
 
 

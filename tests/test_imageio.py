@@ -238,3 +238,48 @@ def test_render_is_fast():
         synthetic.render(0, i, 96, i % 2, 2)
     rate = 300 / (time.perf_counter() - start)
     assert rate > 300, f"{rate:.0f} img/s (target >= 1000 on an idle core; loose bound for shared CI)"
+
+
+# ---------------------------------------------------------------- plain-TIFF fast path
+
+def test_plain_tiff_fast_path_matches_pillow(tmp_path):
+    real = sorted((shared("hcd_kaggle_mock") / "train").glob("*.tif"))[:20]
+    for path in real:  # Kaggle HCD patches are plain RGB TIFFs: the fast path takes them, pixel-exact
+        data = path.read_bytes()
+        fast = imageio.plain_tiff_rgb(data)
+        assert fast is not None
+        np.testing.assert_array_equal(fast, imageio.decode_image(data))
+        assert fast.flags.writeable
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(0, 256, (37, 53, 3), np.uint8)
+    cases = {"plain": ({}, True), "strips": ({"tiffinfo": {278: 5}}, True),
+             "lzw": ({"compression": "tiff_lzw"}, False), "deflate": ({"compression": "tiff_deflate"}, False)}
+    for name, (kw, fast_expected) in cases.items():
+        path = _save(tmp_path, f"{name}.tif", Image.fromarray(rgb), **kw)
+        assert (imageio.plain_tiff_rgb(path.read_bytes()) is not None) == fast_expected, name
+        np.testing.assert_array_equal(read_image(path), rgb)
+    rgba = np.dstack([rgb, np.full(rgb.shape[:2], 128, np.uint8)])
+    for name, img in {"rgba": Image.fromarray(rgba), "grey": Image.fromarray(rgb[..., 0]),
+                      "cmyk": Image.fromarray(rgb).convert("CMYK")}.items():
+        path = _save(tmp_path, f"{name}.tif", img)
+        assert imageio.plain_tiff_rgb(path.read_bytes()) is None, name  # other modes: Pillow's conversions
+    data = _save(tmp_path, "t.tif", Image.fromarray(rgb)).read_bytes()
+    for cut in (8, 100, len(data) - 1):  # truncated: no fast result, Pillow's error
+        assert imageio.plain_tiff_rgb(data[:cut]) is None
+        (tmp_path / "cut.tif").write_bytes(data[:cut])
+        with pytest.raises(ImageError):
+            read_image(tmp_path / "cut.tif")
+
+
+def test_encode_png_is_a_lossless_standard_png():
+    rng = np.random.default_rng(1)
+    for shape in [(96, 96, 3), (1, 1, 3), (37, 53, 3)]:
+        rgb = rng.integers(0, 256, shape, np.uint8)
+        data = imageio.encode_png(rgb)
+        with Image.open(io.BytesIO(data)) as img:
+            assert img.format == "PNG" and img.mode == "RGB"
+            np.testing.assert_array_equal(np.asarray(img), rgb)
+    flat = np.full((64, 64, 3), 200, np.uint8)
+    assert len(imageio.encode_png(flat)) < flat.nbytes / 5  # compresses (Huffman-only: >= 1 bit/byte)
+    with pytest.raises(ValueError):
+        imageio.encode_png(np.zeros((4, 4), np.uint8))

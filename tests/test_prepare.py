@@ -177,3 +177,24 @@ def test_pcam_jpeg_train_duplicates_found(tmp_path):
     merged = in_cluster.merge(dups[["id", "cluster"]], on="id")
     assert (merged.groupby("cluster")["fold"].nunique() == 1).all()
     assert_identity(summary, tmp_path)
+
+
+def test_pool_forks_only_without_tensorflow(monkeypatch):
+    import sys
+
+    import histofold.prepare as prep
+
+    monkeypatch.setitem(sys.modules, "tensorflow", sys.modules.get("tensorflow", object()))
+    assert prep._start_method() == "spawn"  # TensorFlow is not fork-safe
+    monkeypatch.delitem(sys.modules, "tensorflow")
+    assert prep._start_method() == "fork"  # the CLI: TensorFlow is first imported after pass 1
+    assert prep._make_pool(1, 10_000) is None and prep._make_pool(4, 10) is None
+
+
+def test_png_records_are_lossless(tmp_path):
+    import histofold.prepare as prep
+
+    rgb = np.random.default_rng(3).integers(0, 256, (96, 96, 3), np.uint8)
+    assert prep.FAST_PNG
+    np.testing.assert_array_equal(imageio.decode_image(prep.encode(rgb, "png", 95)), rgb)
+    np.testing.assert_array_equal(np.frombuffer(prep.encode(rgb, "raw", 95), np.uint8).reshape(rgb.shape), rgb)
