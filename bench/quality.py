@@ -23,8 +23,11 @@ DEFAULT_PCAM = os.path.join(os.path.dirname(ROOT), "shared", "data", "pcam_jpeg"
 
 
 def run_script(script: str, flags: list[str], *, cwd: str) -> None:
-    print(f"$ python {script} {' '.join(flags)}", flush=True)
-    subprocess.run([sys.executable, os.path.join(ROOT, script), *flags], cwd=cwd, check=True)
+    print(f"$ python {script} {' '.join(flags)}", file=sys.stderr, flush=True)
+    # the scripts' own output goes to stderr: stdout keeps only the result table and the one
+    # `submission: PATH` line (predict.py prints a relative `submission:` of its own)
+    subprocess.run([sys.executable, os.path.join(ROOT, script), *flags], cwd=cwd, check=True,
+                   stdout=sys.stderr)
 
 
 def run_suite(*, recipe: str, source: str, input: str, test_input: str, workdir: str) -> dict:
