@@ -116,7 +116,7 @@ def train_fold(cfg: TrainConfig) -> dict:
         total_steps = steps * cfg.epochs
         stages = _stages(cfg)
         for stage_i, (stage_name, first_epoch, last_epoch, trainable) in enumerate(stages):
-            _set_trainable(model, trainable)
+            models.set_backbone_trainable(model, trainable)
             log.info("stage %s: epochs %d-%d, %d trainable params", stage_name, first_epoch + 1,
                      last_epoch, _trainable_count(model))
             model.compile(
@@ -268,12 +268,6 @@ def _stages(cfg: TrainConfig) -> list[tuple[str, int, int, object]]:
     if n < cfg.epochs:
         stages.append(("full", n, cfg.epochs, True))
     return stages
-
-
-def _set_trainable(model, trainable) -> None:
-    from histofold import models
-
-    models.set_backbone_trainable(model, trainable)
 
 
 def _trainable_count(model) -> int:

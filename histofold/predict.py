@@ -99,11 +99,11 @@ def _predict_run(run: str, cfg: PredictConfig) -> tuple[list[pd.DataFrame], dict
         tfrec = cfg.tfrecords or conf["tfrecords"]
         common = dict(training=False, batch_size=cfg.batch_size, image_size=tuple(conf["image_size"]),
                       with_ids=True, label_mode="int", num_classes=conf["num_classes"])
-        if data.count_records(tfrec, split="test") == 0:
-            raise ValueError(f"{tfrec} holds no test records: prepare a test set (prepare_tfrecords.py --test_input=DIR or --holdout=0.2) "
-                             f"or use predict.py --input=FOLDER for new images")
-        log.info("%s: predicting %d test images with %d-way TTA", fold_dir,
-                 data.count_records(tfrec, split="test"), cfg.tta)
+        n_test = data.count_records(tfrec, split="test")
+        if n_test == 0:
+            raise ValueError(f"{tfrec} holds no test records: prepare a test set (prepare_tfrecords.py "
+                             f"--test_input=DIR or --holdout=0.2) or use predict.py --input=FOLDER for new images")
+        log.info("%s: predicting %d test images with %d-way TTA", fold_dir, n_test, cfg.tta)
         test_ds = data.make_dataset(tfrec, split="test", **common)
         frame = predict_frame(model, test_ds, n=cfg.tta, class_names=conf["classes"])
         _check_finite(frame, fold_dir)
