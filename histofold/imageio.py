@@ -31,36 +31,27 @@ import zlib
 import numpy as np
 from PIL import Image
 
-from histofold.sources import ImageError
+from histofold import io as hio
+from histofold.errors import ImageError
 
 WHITE = 255
 
 
 def read_bytes(path) -> bytes:
-    """The whole file; gs:// paths through tf.io.gfile (imported only then). Raises ImageError."""
+    """The whole file (URLs through tf.io.gfile, see histofold.io). Raises ImageError with the reason."""
     path = os.fspath(path)
-    if path.startswith("gs://"):
-        return _read_gcs(path)
     try:
-        with open(path, "rb") as f:
-            data = f.read()
+        return hio.read_bytes(path)
     except FileNotFoundError:
         raise ImageError(f"file not found: {path}") from None
     except IsADirectoryError:
         raise ImageError(f"not a file (a directory): {path}") from None
     except OSError as e:
         raise ImageError(f"cannot read file: {path}: {e}") from None
-    return data
-
-
-def _read_gcs(path: str) -> bytes:
-    import tensorflow as tf  # only for gs://; local reads never import TensorFlow
-
-    try:
-        with tf.io.gfile.GFile(path, "rb") as f:
-            return f.read()
-    except tf.errors.NotFoundError:
-        raise ImageError(f"file not found: {path}") from None
+    except Exception as e:  # noqa: BLE001 - tf.io.gfile raises tf.errors.* for URLs
+        if type(e).__name__ == "NotFoundError":
+            raise ImageError(f"file not found: {path}") from None
+        raise
 
 
 def read_image(path) -> np.ndarray:
@@ -208,19 +199,6 @@ def as_rgb_array(a: np.ndarray, *, name: str = "array") -> np.ndarray:
     raise ImageError(f"{name}: expected (H, W[, 1|3|4]) pixels, got shape {a.shape}")
 
 
-def resize(image: np.ndarray, size) -> np.ndarray:
-    """(H, W, 3) uint8 -> (size, size, 3) uint8 (size an int or (H, W)).
-
-    Downscaling uses Pillow BOX (area averaging: no aliasing of nuclei texture), upscaling BILINEAR.
-    """
-    h, w = (int(size), int(size)) if np.isscalar(size) else (int(size[0]), int(size[1]))
-    if image.shape[:2] == (h, w):
-        return image
-    shrinking = h <= image.shape[0] and w <= image.shape[1]
-    method = Image.Resampling.BOX if shrinking else Image.Resampling.BILINEAR
-    return np.asarray(Image.fromarray(image).resize((w, h), method), dtype=np.uint8)
-
-
 def _png_chunk(tag: bytes, data: bytes) -> bytes:
     return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(data, zlib.crc32(tag)))
 
@@ -317,17 +295,6 @@ def load_h5(path, key: str, index: int) -> np.ndarray:
     return as_rgb_array(ds[int(index)], name=f"{path}:{key}[{index}]")
 
 
-def load_h5_batch(path, key: str, start: int, stop: int) -> np.ndarray:
-    """Rows start..stop-1 of an HDF5 image array in one read -> (N, H, W, 3) uint8."""
-    ds = h5_dataset(path, key)
-    if not 0 <= start <= stop <= ds.shape[0]:
-        raise ImageError(f"{path}:{key} has {ds.shape[0]} rows; slice {start}:{stop} is out of range")
-    batch = ds[int(start):int(stop)]
-    if batch.dtype != np.uint8 or batch.ndim != 4 or batch.shape[3] != 3:
-        raise ImageError(f"{path}:{key}: expected (N, H, W, 3) uint8, got {batch.shape} {batch.dtype}")
-    return batch
-
-
 # ---------------------------------------------------------------- refs
 
 def _load_file(ref: tuple) -> np.ndarray:
@@ -346,13 +313,22 @@ def _load_synthetic(ref: tuple) -> np.ndarray:
     return render(seed, index, size, label, num_classes)
 
 
-LOADERS = {"file": _load_file, "h5": _load_h5_ref, "synthetic": _load_synthetic}
+def _load_slide_tile(ref: tuple) -> np.ndarray:
+    from histofold.slides import SlideError, load_tile
+
+    _, path, x, y, level, read_px, patch_px = ref
+    try:
+        return load_tile(path, x, y, level, read_px, patch_px)
+    except SlideError as e:
+        raise ImageError(str(e)) from None
 
 
-def load_ref(ref: tuple, *, size=None) -> np.ndarray:
-    """An `Item.ref` (see histofold.sources) -> (H, W, 3) uint8, resized to `size` when given."""
+LOADERS = {"file": _load_file, "h5": _load_h5_ref, "synthetic": _load_synthetic, "slide": _load_slide_tile}
+
+
+def load_ref(ref: tuple) -> np.ndarray:
+    """An `Item.ref` (see histofold.sources) -> (H, W, 3) uint8 as stored in the dataset."""
     loader = LOADERS.get(ref[0]) if ref else None
     if loader is None:
         raise ValueError(f"unknown image ref {ref!r}; the first element must be one of {', '.join(LOADERS)}")
-    image = loader(ref)
-    return image if size is None else resize(image, size)
+    return loader(ref)

@@ -11,6 +11,8 @@ from typing import Callable
 import keras
 from keras import layers, ops
 
+from histofold.errors import UsageError
+
 # ImageNet statistics of RGB pixels scaled to [0, 1] (the "torch" convention) and the caffe BGR means
 # of pixels in [0, 255] (ResNet50's original weights).
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -103,6 +105,45 @@ def _histo_cnn(x, *, weights=None, width=32, stages=4, depth=2):
     return x
 
 
+@keras.saving.register_keras_serializable(package="histofold")
+class SpaceToDepth(layers.Layer):
+    """(B, H, W, C) -> (B, H/b, W/b, b*b*C): every b x b block of pixels becomes one pixel's channels.
+
+    A lossless stem: the first convolution sees full-resolution detail at a quarter of the positions,
+    which on a 2-core CPU trains as fast as a stride-2 conv and keeps what a max-pool would drop."""
+
+    def __init__(self, block: int = 2, **kwargs):
+        super().__init__(**kwargs)
+        self.block = int(block)
+
+    def call(self, x):
+        b = self.block
+        _, h, w, c = x.shape
+        x = ops.reshape(x, (-1, h // b, b, w // b, b, c))
+        x = ops.transpose(x, (0, 1, 3, 2, 4, 5))
+        return ops.reshape(x, (-1, h // b, w // b, b * b * c))
+
+    def compute_output_shape(self, shape):
+        b = self.block
+        return (shape[0], shape[1] // b, shape[2] // b, shape[3] * b * b)
+
+    def get_config(self):
+        return {**super().get_config(), "block": self.block}
+
+
+def _pcam_cnn(x, *, weights=None, width=32):
+    """The CPU recipe's network for 96 px patches (measured in the README's recipe table):
+    space-to-depth stem (96 -> 48 px, 12 channels) + conv(width), then conv-BN-ReLU stages of 2w, 4w,
+    8w, 8w channels with a 2x2 max-pool between them (48 -> 24 -> 12 -> 6). ~1M parameters at width 32."""
+    x = SpaceToDepth(2, name="stem_s2d")(x)
+    x = _conv_bn_relu(x, width, name="stem")
+    for i, mult in enumerate((2, 4, 8, 8)):
+        if i:
+            x = layers.MaxPooling2D(2, name=f"stage{i + 1}_pool")(x)
+        x = _conv_bn_relu(x, width * mult, name=f"stage{i + 1}")
+    return x
+
+
 def _keras_app(x, *, weights=None, app: str, app_kwargs: tuple = ()):
     """A keras.applications backbone built on the preprocessed tensor, so its layers join the outer graph.
     weights: None | "imagenet" | PATH (loaded by keras into the application's own topology)."""
@@ -176,6 +217,9 @@ ARCHS: dict[str, ArchSpec] = {
     "histo_cnn": ArchSpec(_histo_cnn, default_size=96, size_multiple=1, min_size=16, preprocess="unit",
                           dropout=0.3, defaults={"width": 32, "stages": 4, "depth": 2},
                           help="conv-BN-ReLU stages (width 32-64-128-256), GAP; a CPU-sized modern CNN"),
+    "pcam_cnn": ArchSpec(_pcam_cnn, default_size=96, size_multiple=16, min_size=32, preprocess="unit",
+                         dropout=0.3, defaults={"width": 32},
+                         help="space-to-depth stem + conv-BN-ReLU stages (32-64-128-256-256), GAP; the pcam-cpu recipe"),
     "mobilenetv2": _app_spec("MobileNetV2", size=224, preprocess="symmetric",
                              weights_file="mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_224_no_top.h5",
                              help="MobileNetV2 (alpha 1.0), inputs in [-1, 1]"),
@@ -204,8 +248,26 @@ ARCHS: dict[str, ArchSpec] = {
 
 def get_arch(name: str) -> ArchSpec:
     if name not in ARCHS:
-        raise ValueError(f"unknown arch {name!r}; valid: {', '.join(ARCHS)}")
+        raise UsageError(f"--arch={name!r}: choose one of {', '.join(ARCHS)}")
     return ARCHS[name]
+
+
+# ------------------------------------------------------------------------------------------ input size
+
+def input_size(arch: str, requested: int, *, stored, weights: str = "none") -> tuple[int, int]:
+    """The model's input (H, W): the one owner of this fact for train, finetune, predict and slides.
+
+    `requested` (--image_size) when given, else the arch's default for a pretrained keras backbone
+    (ImageNet weights were trained at that size), else the stored record size. Checked against the
+    arch's minimum and size multiple (UsageError naming --image_size and a valid value)."""
+    spec = get_arch(arch)
+    if requested:
+        size = (int(requested), int(requested))
+    elif spec.keras_app and weights not in ("none", None, ""):
+        size = (spec.default_size, spec.default_size)
+    else:
+        size = tuple(int(s) for s in stored)
+    return _check_size(arch, spec, size)
 
 
 # ------------------------------------------------------------------------------------------ build
@@ -240,16 +302,18 @@ def build_model(arch: str, *, num_classes: int, image_size=None, weights=None, d
 
 
 def _check_size(arch: str, spec: ArchSpec, image_size) -> tuple[int, int]:
+    """(H, W) from an int, a pair or None (the arch's default), checked against the arch's minimum and
+    size multiple (UsageError naming --image_size and the nearest valid values)."""
     size = spec.default_size if image_size is None else image_size
     hw = (int(size), int(size)) if isinstance(size, (int, float)) else tuple(int(s) for s in size)
-    mult = spec.size_multiple
+    mult = spec.size_multiple or 1
     for s in hw:
         if s < spec.min_size:
-            raise ValueError(f"image size {s} is below the minimum {spec.min_size} for {arch}; "
-                             f"use --image_size={max(spec.min_size, mult)} or more")
+            raise UsageError(f"--image_size={s} is below the minimum {spec.min_size} for {arch}; "
+                             f"pass --image_size={max(spec.min_size, mult)} or more")
         if s % mult:
             lo, hi = max(mult * (s // mult), spec.min_size), mult * (s // mult + 1)
-            raise ValueError(f"image size {s} not divisible by {mult} for {arch}; use {lo} or {hi}")
+            raise UsageError(f"--image_size={s} is not a multiple of {mult}, as {arch} needs; pass {lo} or {hi}")
     return hw
 
 
@@ -257,11 +321,11 @@ def _check_weights(arch: str, spec: ArchSpec, weights):
     if weights in (None, "none", "None", ""):
         return None
     if weights == "imagenet" and not spec.keras_app:
-        raise ValueError(f"--weights=imagenet: no pretrained weights exist for {arch}; "
+        raise UsageError(f"--weights=imagenet: no pretrained weights exist for {arch}; "
                          f"use --weights=none or an ImageNet arch ({', '.join(a for a in ARCHS if ARCHS[a].keras_app)})")
     if weights != "imagenet":
         if not os.path.isfile(str(weights)):
-            raise ValueError(f"--weights={weights}: no such file; pass none, imagenet or the path of a "
+            raise UsageError(f"--weights={weights}: no such file; pass none, imagenet or the path of a "
                              f"no-top weights file for {arch}")
     return weights
 
@@ -283,7 +347,7 @@ def _run_builder(arch: str, spec: ArchSpec, x, *, weights, kw: dict):
     except Exception as e:  # keras.utils.get_file raises a bare Exception("URL fetch failure ...")
         if not _is_download_error(e):
             raise
-        raise RuntimeError(
+        raise UsageError(
             f"could not download ImageNet weights for {arch} (offline?): pass --weights=/path/to/"
             f"{spec.weights_file} (a no-top weights file; on Kaggle attach a dataset with it)") from None
 
@@ -322,7 +386,7 @@ def _load_backbone_weights(model: keras.Model, *, path: str, arch: str, spec: Ar
             backbone.load_weights(path)
     except (ValueError, KeyError, OSError, TypeError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ValueError(f"--weights={path} does not fit {arch}'s backbone ({first[:160]}); pass a no-top "
+        raise UsageError(f"--weights={path} does not fit {arch}'s backbone ({first[:160]}); pass a no-top "
                          f"weights file saved from {arch} (e.g. {spec.weights_file or 'backbone_model(m).save_weights'})") from None
 
 

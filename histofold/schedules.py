@@ -130,11 +130,18 @@ SCHEDULES = {
 }
 
 
+def check_schedule(name: str) -> str:
+    if name not in SCHEDULES:
+        from histofold.errors import UsageError
+
+        raise UsageError(f"--schedule={name!r}: choose one of {', '.join(SCHEDULES)}")
+    return name
+
+
 def make_schedule(name: str, *, total_steps: int, max_lr: float, **kw):
     """Registry lookup. kw: warmup (fraction of total_steps), offset (steps already done by an earlier
     stage), and schedule-specific options (div_factor, final_div_factor, min_lr)."""
-    if name not in SCHEDULES:
-        raise ValueError(f"unknown --schedule={name!r}; valid: {', '.join(SCHEDULES)}")
+    check_schedule(name)
     if total_steps < 1:
         raise ValueError(f"total_steps={total_steps}: a schedule needs at least one step (check --epochs "
                          f"and --steps_per_epoch)")

@@ -10,6 +10,8 @@ import glob
 import json
 import os
 
+from histofold.errors import UsageError
+
 STRATEGIES = ("auto", "tpu", "mirrored", "multiworker", "one_device", "cpu", "default")
 PRECISIONS = ("auto", "float32", "mixed_float16", "mixed_bfloat16")
 TPU_ENV_VARS = ("TPU_NAME", "COLAB_TPU_ADDR", "TPU_WORKER_ID", "TPU_ACCELERATOR_TYPE", "KAGGLE_TPU")
@@ -22,7 +24,7 @@ def resolve_strategy(name: str = "auto", *, tpu: str | None = None):
     multiworker -> >= 2 GPUs -> mirrored -> otherwise the default strategy (one device, no wrapping).
     """
     if name not in STRATEGIES:
-        raise ValueError(f"unknown --strategy={name!r}; valid: {', '.join(STRATEGIES)}")
+        raise UsageError(f"unknown --strategy={name!r}; valid: {', '.join(STRATEGIES)}")
     if name == "auto":
         return _auto(tpu)
     return _BUILDERS[name](tpu)
@@ -34,7 +36,7 @@ def _auto(tpu):
     if tpu or _tpu_plausible():
         try:
             return _tpu(tpu)
-        except (ValueError, RuntimeError) as e:  # no TPU after all: fall through to GPUs / CPU
+        except (ValueError, RuntimeError) as e:  # no TPU after all (UsageError is a ValueError): fall through to GPUs / CPU
             import logging
 
             logging.getLogger("histofold").warning("strategy=auto: TPU hint found but no TPU (%s)", e)
@@ -71,7 +73,7 @@ def _tpu(tpu):
             return strategy, f"TPU ({candidate or 'auto'}, {strategy.num_replicas_in_sync} cores)"
         except (ValueError, RuntimeError, tf.errors.OpError) as e:
             errors.append(f"tpu={candidate!r}: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
-    raise RuntimeError(f"--strategy=tpu: no TPU found ({'; '.join(errors)}); on Kaggle/Colab pick a TPU "
+    raise UsageError(f"--strategy=tpu: no TPU found ({'; '.join(errors)}); on Kaggle/Colab pick a TPU "
                        f"accelerator, elsewhere pass --tpu=<name or grpc://address>")
 
 
@@ -80,7 +82,7 @@ def _mirrored(tpu):
 
     gpus = tf.config.list_logical_devices("GPU")
     if not gpus:
-        raise RuntimeError("--strategy=mirrored needs at least one visible GPU (none found; check "
+        raise UsageError("--strategy=mirrored needs at least one visible GPU (none found; check "
                            "CUDA_VISIBLE_DEVICES and nvidia-smi) -- use --strategy=auto or cpu")
     strategy = tf.distribute.MirroredStrategy()
     return strategy, f"MirroredStrategy ({len(gpus)} GPUs)"
@@ -91,12 +93,12 @@ def _multiworker(tpu):
 
     raw = os.environ.get("TF_CONFIG", "")
     if not raw:
-        raise RuntimeError("--strategy=multiworker needs the TF_CONFIG environment variable (cluster spec "
+        raise UsageError("--strategy=multiworker needs the TF_CONFIG environment variable (cluster spec "
                            "and this worker's task index), set on every worker; see tf.distribute docs")
     try:
         workers = len(json.loads(raw).get("cluster", {}).get("worker", []))
     except json.JSONDecodeError as e:
-        raise RuntimeError(f"TF_CONFIG is not valid JSON ({e}); fix the environment variable") from None
+        raise UsageError(f"TF_CONFIG is not valid JSON ({e}); fix the environment variable") from None
     strategy = tf.distribute.MultiWorkerMirroredStrategy()
     return strategy, f"MultiWorkerMirroredStrategy ({workers} workers, {strategy.num_replicas_in_sync} replicas)"
 
@@ -137,7 +139,7 @@ def resolve_precision(name: str = "auto", *, strategy) -> str:
     """-> a keras dtype policy name. auto: mixed_bfloat16 on TPU; mixed_float16 when every visible GPU has
     compute capability >= 7.0 (tensor cores: V100, T4, A100, H100); float32 otherwise (CPU, P100)."""
     if name not in PRECISIONS:
-        raise ValueError(f"unknown --precision={name!r}; valid: {', '.join(PRECISIONS)}")
+        raise UsageError(f"unknown --precision={name!r}; valid: {', '.join(PRECISIONS)}")
     if name != "auto":
         return name
     import tensorflow as tf
@@ -165,8 +167,3 @@ def apply_precision(policy: str) -> str:
                          f"({', '.join(p for p in PRECISIONS if p != 'auto')}); resolve 'auto' first")
     keras.mixed_precision.set_dtype_policy(policy)
     return keras.mixed_precision.dtype_policy().name
-
-
-def global_batch_size(per_replica: int, strategy) -> int:
-    """Examples per optimizer step across all replicas (what tf.data must batch with)."""
-    return int(per_replica) * int(strategy.num_replicas_in_sync)

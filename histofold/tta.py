@@ -1,17 +1,17 @@
-"""Test-time augmentation: the dihedral group D4 on image batches and probability averaging over it."""
+"""Prediction: test-time augmentation over the dihedral group D4 and the one path from a dataset of
+(x, y, id) batches to an id-keyed probability frame, used for OOF, test shards, new images and slides."""
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 
-# k indexes D4 as in augment.dihedral: k % 4 counter-clockwise quarter turns, then a transpose when k >= 4.
-# In that numbering k=5 is a horizontal flip (W reversed), k=7 a vertical flip (H reversed), k=2 rot180.
-TTA_TRANSFORMS = list(range(8))
-HFLIP, VFLIP, ROT180 = 5, 7, 2
+from histofold import imageops
+
 TTA_SUBSETS = {
     1: [0],
-    2: [0, HFLIP],
-    4: [0, HFLIP, VFLIP, ROT180],  # the shape-keeping half of D4: safe for non-square images too
-    8: TTA_TRANSFORMS,
+    2: [0, imageops.HFLIP],
+    4: list(imageops.SHAPE_KEEPING),   # identity, rot180, two flips: safe for non-square images too
+    8: list(imageops.DIHEDRAL),
 }
 
 
@@ -22,35 +22,13 @@ def tta_subset(n: int) -> list[int]:
     return list(TTA_SUBSETS[n])
 
 
-def dihedral_batch(x, k: int):
-    """D4 element k of a (B, H, W, C) tensor (the same map as augment.dihedral on each image)."""
-    import tensorflow as tf
-
-    x = tf.convert_to_tensor(x)
-    if x.shape.rank != 4:
-        raise ValueError(f"dihedral_batch expects (B, H, W, C), got shape {x.shape}")
-    if not 0 <= k < 8:
-        raise ValueError(f"dihedral k={k} is outside 0..7")
-    out = tf.image.rot90(x, k % 4) if k % 4 else x
-    return tf.image.transpose(out) if k >= 4 else out
-
-
-def dihedral_numpy(x: np.ndarray, k: int) -> np.ndarray:
-    """dihedral_batch for a (B, H, W, C) numpy array (a view; no TensorFlow)."""
-    if x.ndim != 4:
-        raise ValueError(f"dihedral_numpy expects (B, H, W, C), got shape {x.shape}")
-    if not 0 <= k < 8:
-        raise ValueError(f"dihedral k={k} is outside 0..7")
-    out = np.rot90(x, k % 4, axes=(1, 2))  # counter-clockwise, like tf.image.rot90
-    return np.swapaxes(out, 1, 2) if k >= 4 else out
-
-
 def make_forward(model):
     """A compiled inference fn: (B, H, W, 3) batch -> model output as float32 (mixed precision safe)."""
     import tensorflow as tf
 
     # one trace per model whatever the batch size (the last batch is short); TTA keeps H, W
     _, h, w, c = model.input_shape
+
     @tf.function(input_signature=[tf.TensorSpec([None, h, w, c], tf.float32)])
     def forward(x):
         return tf.cast(model(x, training=False), tf.float32)
@@ -62,26 +40,22 @@ def tta_batch(forward, x, ks: list[int]) -> np.ndarray:
     """Mean of forward(T_k(x)) over ks; one transform at a time so peak memory is one forward pass."""
     total = None
     for k in ks:
-        out = np.asarray(forward(dihedral_batch(x, k)), dtype=np.float64)
+        out = np.asarray(forward(imageops.dihedral(x, k)), dtype=np.float64)
         total = out if total is None else total + out
     return (total / len(ks)).astype(np.float32)
 
 
-def predict_tta(model, dataset, *, n: int = 8, verbose: bool = True, return_labels: bool = False):
-    """Mean probabilities over n dihedral transforms for every (x, y, id) batch of `dataset`.
-
-    Returns (ids, probs) or, with return_labels, (ids, labels, probs): ids (N,) str, labels (N,) int
-    (argmax of one-hot labels; -1 stays -1), probs (N, K_out) float32 with the model's output width
-    (1 column, P(class 1), for binary models).
-    """
+def predict_tta(model, dataset, *, n: int = 8, desc: str = "", verbose: bool = True):
+    """(ids (N,) str, labels (N,) int, probs (N, K_out) float32): mean over n dihedral transforms for every
+    (x, y, id) batch of `dataset`; labels are class indices (-1 unlabeled), K_out the model's output width."""
     from tqdm.auto import tqdm
 
     ks = tta_subset(n)
     forward = make_forward(model)
     ids, labels, probs = [], [], []
-    for batch in tqdm(dataset, total=_num_batches(dataset), desc=f"TTA x{n}", unit="batch", disable=not verbose):
-        x, y, batch_ids = batch  # (B, H, W, 3) float32, labels, (B,) string ids
-        if x.shape[1] != x.shape[2] and any(_swaps_hw(k) for k in ks):
+    for x, y, batch_ids in tqdm(dataset, total=_num_batches(dataset), desc=desc or f"TTA x{n}", unit="batch",
+                                disable=not verbose, mininterval=2):
+        if x.shape[1] != x.shape[2] and any(imageops.swaps_hw(k) for k in ks):
             raise ValueError(f"--tta={n} rotates by 90 degrees, which needs square images (got {x.shape[1]}x"
                              f"{x.shape[2]}); use --tta=4 (flips and rot180 only)")
         probs.append(tta_batch(forward, x, ks))
@@ -89,11 +63,8 @@ def predict_tta(model, dataset, *, n: int = 8, verbose: bool = True, return_labe
         ids.extend(_as_str(i) for i in np.asarray(batch_ids).ravel())
     out_dim = int(model.output.shape[-1])
     probs = np.concatenate(probs).astype(np.float32) if probs else np.zeros((0, out_dim), np.float32)
-    ids = np.asarray(ids, dtype=object)
-    if return_labels:
-        labels = np.concatenate(labels) if labels else np.zeros(0, int)
-        return ids, labels, probs
-    return ids, probs
+    labels = np.concatenate(labels) if labels else np.zeros(0, int)
+    return np.asarray(ids, dtype=object), labels, probs
 
 
 def to_class_probs(p, num_classes: int) -> np.ndarray:
@@ -108,13 +79,23 @@ def to_class_probs(p, num_classes: int) -> np.ndarray:
     return p
 
 
-def _swaps_hw(k: int) -> bool:
-    """Odd quarter turns swap H and W, and so does the transpose: k in {1, 3, 4, 6}."""
-    return bool((k % 4) % 2) != (k >= 4)
+def prob_columns(class_names) -> list[str]:
+    return [f"p_{c}" for c in class_names]
+
+
+def predict_frame(model, dataset, *, n: int, class_names: list[str], desc: str = "",
+                  verbose: bool = True) -> pd.DataFrame:
+    """(x, y, id) batches -> id-keyed frame: id, label, p_<class> for every class (binary too)."""
+    ids, labels, probs = predict_tta(model, dataset, n=n, desc=desc, verbose=verbose)
+    probs = to_class_probs(probs, len(class_names))  # (N, K)
+    frame = pd.DataFrame({"id": ids, "label": np.asarray(labels, dtype=int)})
+    for c, col in enumerate(prob_columns(class_names)):
+        frame[col] = probs[:, c].astype(np.float64)
+    return frame
 
 
 def _num_batches(dataset) -> int | None:
-    """Batches per pass for the progress bar; None when unknown (e.g. after a filter)."""
+    """Batches per pass for the progress bar; None when unknown (e.g. a generator)."""
     try:
         n = int(dataset.cardinality())
     except (AttributeError, TypeError):
