@@ -1,10 +1,10 @@
 """Ensembles of id-keyed prediction frames (mean, geometric mean, rank), joined on id, never by position."""
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import pandas as pd
+
+from histofold.errors import DataError, UsageError
 
 EPS = 1e-7  # gmean clips probabilities to [EPS, 1] so one confident 0 cannot zero a row
 
@@ -44,7 +44,7 @@ def ensemble(frames: list[pd.DataFrame], *, method: str = "mean", weights=None,
     `names` (e.g. file paths) label the frames in those errors.
     """
     if method not in METHODS:
-        raise ValueError(f"unknown ensemble method {method!r}; use one of {sorted(METHODS)}")
+        raise UsageError(f"unknown ensemble method {method!r}; use one of {sorted(METHODS)}")
     if not frames:
         raise ValueError("ensemble needs at least one prediction frame")
     names = list(names) if names is not None else [f"frame {i}" for i in range(len(frames))]
@@ -66,7 +66,7 @@ def ensemble(frames: list[pd.DataFrame], *, method: str = "mean", weights=None,
 def prob_columns(frame: pd.DataFrame, name: str = "frame") -> list[str]:
     cols = [c for c in frame.columns if str(c).startswith("p_")]
     if "id" not in frame.columns or not cols:
-        raise ValueError(f"{name} is not a prediction frame: it needs an `id` column and p_<class> columns, "
+        raise DataError(f"{name} is not a prediction frame: it needs an `id` column and p_<class> columns, "
                          f"has {list(frame.columns)[:8]}")
     return cols
 
@@ -90,7 +90,7 @@ def _check_frames(frames: list[pd.DataFrame], cols: list[str], names: list[str])
         if nan.any():
             problems.append(f"{name} has NaN probabilities in {int(nan.sum())} rows (e.g. ids {_few(fid[nan])})")
     if problems:
-        raise ValueError("cannot ensemble: " + "; ".join(problems) +
+        raise DataError("cannot ensemble: " + "; ".join(problems) +
                          ". Predict every frame on the same records (same tfrecords, same --tta) and rerun.")
     return ids
 
@@ -100,61 +100,10 @@ def _weights(weights, n: int) -> np.ndarray:
         return np.full(n, 1.0 / n)
     w = np.asarray(weights, dtype=np.float64).ravel()
     if len(w) != n or (w < 0).any() or w.sum() <= 0 or not np.isfinite(w).all():
-        raise ValueError(f"--weights={list(w)} must be {n} non-negative numbers (one per frame) with a positive sum")
+        raise UsageError(f"--run_weights={list(w)} must be {n} non-negative numbers (one per frame) with a positive sum")
     return w / w.sum()
 
 
 def _few(values, k: int = 5) -> str:
     values = list(values)
     return ", ".join(map(str, values[:k])) + (", ..." if len(values) > k else "")
-
-
-def read_predictions(path: str) -> pd.DataFrame:
-    """An id-keyed predictions CSV (local or gs://); ids stay strings ('007' stays '007')."""
-    fs = _fs(path)
-    if not fs.exists(path):
-        raise FileNotFoundError(f"predictions file {path} does not exist; write it with predict.py")
-    with fs.open(path, "r") as f:
-        frame = pd.read_csv(f, dtype={"id": str})
-    prob_columns(frame, path)
-    return frame
-
-
-def write_predictions(df: pd.DataFrame, path: str) -> None:
-    """Write an id-keyed predictions frame as CSV, creating the parent folder (local or gs://)."""
-    prob_columns(df, path)
-    fs = _fs(path)
-    fs.makedirs(os.path.dirname(path) or ".")
-    with fs.open(path, "w") as f:
-        df.to_csv(f, index=False)
-
-
-class _LocalFS:
-    exists = staticmethod(os.path.exists)
-    open = staticmethod(open)
-
-    @staticmethod
-    def makedirs(path: str) -> None:
-        os.makedirs(path, exist_ok=True)
-
-
-class _GFile:
-    """tf.io.gfile for remote paths (gs://...); imported only then, so local use stays TensorFlow-free."""
-
-    def __init__(self):
-        import tensorflow as tf
-
-        self.gfile = tf.io.gfile
-
-    def exists(self, path):
-        return self.gfile.exists(path)
-
-    def open(self, path, mode):
-        return self.gfile.GFile(path, mode)
-
-    def makedirs(self, path):
-        self.gfile.makedirs(path)
-
-
-def _fs(path: str):
-    return _GFile() if "://" in path else _LocalFS

@@ -5,6 +5,8 @@ import warnings
 
 import numpy as np
 
+from histofold.errors import UsageError
+
 
 SKLEARN_MAX_GROUPS = 20_000  # StratifiedGroupKFold's greedy loop takes ~35 s at 220k groups on 2 cores
 
@@ -32,9 +34,9 @@ def assign_folds(labels, groups, *, n_folds: int, seed: int,
     group_ids = np.unique(np.asarray(groups, dtype=str), return_inverse=True)[1]
     n_groups = int(group_ids.max()) + 1 if len(group_ids) else 0
     if n_folds < 2:
-        raise ValueError(f"--folds={n_folds}: need at least 2 folds")
+        raise UsageError(f"--folds={n_folds}: need at least 2 folds")
     if n_folds > n_groups:
-        raise ValueError(f"--folds={n_folds} but only {len(labels)} samples in {n_groups} groups "
+        raise UsageError(f"--folds={n_folds} but only {len(labels)} samples in {n_groups} groups "
                          f"(duplicates and --groups merge samples); pass --folds <= {n_groups}")
     smallest = np.bincount(np.unique(labels, return_inverse=True)[1]).min()
     if smallest < n_folds:
@@ -94,3 +96,33 @@ def class_balance(df, *, classes: list[str] | None = None):
         table = table.reindex(columns=[c for c in classes if c in table.columns] + ["total"])
     table.index.name, table.columns.name = "fold", None
     return table
+
+
+# ---------------------------------------------------------------- folds.csv: decided once, reused
+
+def decide(frame, *, folds_dir: str, n_folds: int, seed: int, overwrite: bool):
+    """folds.csv for a frame of (id, label, group, + extra columns): reused when the same ids, labels,
+    groups, seed and fold count produced it before; a different one on disk needs `overwrite`.
+
+    Returns (frame with a `fold` column, True when decided now / False when reused)."""
+    import hashlib
+    import logging
+
+    from histofold import io
+
+    path, meta_path = io.join(folds_dir, "folds.csv"), io.join(folds_dir, "folds_meta.json")
+    key = hashlib.sha256(frame[["id", "label", "group"]].to_csv(index=False).encode()).hexdigest()
+    meta = {"seed": int(seed), "folds": int(n_folds), "n": len(frame), "key": key}
+    if io.read_json(meta_path, None) == meta and io.exists(path):
+        logging.getLogger("histofold").info("folds: reusing %s (same ids, labels, groups, seed and fold count)", path)
+        return io.read_csv(path, dtype={"id": str, "group": str}), False
+    if io.exists(path) and not overwrite:
+        raise UsageError(f"{path} exists but was made from different ids/labels/groups, seed or fold count; "
+                         "pass --overwrite to decide the folds anew (and rewrite the shards)")
+    frame = frame.copy()
+    frame.insert(2, "fold", assign_folds(frame["label"].to_numpy(), frame["group"].to_numpy(),
+                                         n_folds=n_folds, seed=seed))
+    io.makedirs(folds_dir)
+    io.write_csv(path, frame)
+    io.write_json(meta_path, meta)
+    return frame, True

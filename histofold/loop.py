@@ -1,370 +1,334 @@
 """The training loop shared by train.py and finetune.py: one fold in, one self-describing run directory out.
 
-Reading order: `TrainConfig` (every setting, with its meaning) -> `train_fold` (strategy and precision,
-datasets, model, compile, callbacks, fit, OOF) -> the small helpers below it.
+Reading order: `train` (every fold a TrainConfig asks for) -> `train_fold` (run directory, strategy and
+precision, sizes and class weights, datasets, model, compile, callbacks, fit, the kept weights, OOF,
+complete.json) -> the small helpers below it. Fine-tuning is the same loop with `init_run` and
+`unfreeze` set (finetune.py fills them from a finished run).
+
+Which weights are kept: with a validation fold, the best epoch by --monitor among the epochs after the
+warm-up (an epoch inside the warm-up is never picked: its weights are badly calibrated, and pooled OOF
+AUC drops); with --ema, validation and the checkpoint use the EMA weights; with --fold=full (no
+validation fold) the final weights.
 """
 from __future__ import annotations
 
-import dataclasses
-import hashlib
-import json
 import logging
 import math
-import os
 import time
-from dataclasses import dataclass, field
 
 import keras
 import numpy as np
 
-from histofold import runs
+from histofold import io
+from histofold.config import TrainConfig
+from histofold.errors import IntegrityError, UsageError
+from histofold.manifest import Manifest
+from histofold.runs import HISTORY, LOG, METRICS, OOF, WEIGHTS, RunDir
 
 log = logging.getLogger("histofold")
 
-
-@dataclass(frozen=True)
-class TrainConfig:
-    tfrecords: str = "tfrecords"      # dir written by prepare_tfrecords.py (manifest.json + shards)
-    fold: int = 0                     # validation fold; the model trains on every other fold
-    arch: str = "resnet50"            # models.ARCHS name
-    name: str = ""                    # run name: runs/<name>/fold<k>; "" = the arch
-    runs_dir: str = "runs"
-    image_size: int = 0               # pixels fed to the model; 0 = the arch's default / stored size
-    weights: str = "auto"             # auto | imagenet | none | PATH to a no-top weights file
-    arch_kwargs: dict = field(default_factory=dict)  # extra builder arguments (e.g. width of histo_cnn)
-    dropout: float | None = None      # head dropout; None = the arch's default
-    epochs: int = 10
-    batch_size: int = 64              # per replica; global batch = batch_size x replicas
-    lr: float = 1e-3                  # max LR for batch_size; scaled linearly with the replica count
-    optimizer: str = "adamw"          # adamw | adam | sgd (momentum 0.9, nesterov)
-    weight_decay: float = 1e-4        # decoupled (AdamW/SGD); ignored by adam
-    schedule: str = "onecycle"        # onecycle | cosine | constant | plateau
-    warmup: float = 0.3               # fraction of steps spent warming up (onecycle pct_start, cosine warm-up)
-    augment: str = "light"            # augment.AUGMENT_PRESETS name
-    class_weight: str = "balanced"    # balanced | none | JSON list/dict of per-class weights
-    label_smoothing: float = 0.0
-    focal: bool = False               # focal loss (gamma 2) instead of cross-entropy
-    freeze_base_epochs: int = 0       # first N epochs train only the head (backbone frozen)
-    monitor: str = ""                 # "" = val_auc (binary) / val_macro_f1 (multi-class)
-    patience: int = 0                 # early-stopping patience in epochs; 0 = no early stopping
-    strategy: str = "auto"
-    precision: str = "auto"
-    seed: int = 42
-    cache: bool = False               # cache the serialized training records in memory (small datasets)
-    steps_per_epoch: int = 0          # 0 = one pass over the training folds per epoch
-    oof_tta: int = 1                  # dihedral TTA transforms for the OOF predictions (1, 2, 4, 8)
-    tensorboard: bool = False
-    overwrite: bool = False           # retrain a fold that already finished
-    # finetune.py only: where the starting weights come from and what to unfreeze
-    init_run: str = ""                # run directory whose best weights start this run
-    unfreeze: str = ""                # "" (train.py) | all | N (top N backbone layers)
+# what a fold's one-line summary (and train.py's table) shows
+SUMMARY_KEYS = ("fold", "roc_auc", "accuracy", "macro_f1", "best_monitor", "monitor", "epochs_run", "n_oof", "run_dir")
 
 
-def run_dir_of(cfg: TrainConfig) -> str:
-    return os.path.join(cfg.runs_dir, cfg.name or cfg.arch, f"fold{cfg.fold}")
+def train(config: TrainConfig) -> list[dict]:
+    """Train every fold `config.fold` names (0 | 0,2 | all | full), each into its own run directory."""
+    config.check_registries()
+    manifest = Manifest.load(config.tfrecords)
+    return [train_fold(config, fold, manifest=manifest) for fold in config.folds_to_run(manifest.n_folds)]
 
 
-def train_fold(cfg: TrainConfig) -> dict:
-    """Train one fold end to end; returns the summary also written to metrics.json."""
+def train_fold(config: TrainConfig, fold, *, manifest: Manifest | None = None) -> dict:
+    """Train one fold (an int: validate on it, train on the others; "full": train on all) end to end.
+
+    Returns the summary also written to metrics.json."""
     from histofold import data, losses, models, schedules, strategy as strat
 
-    manifest = data.load_manifest(cfg.tfrecords)
-    _check_fold(cfg, manifest)
-    run_dir = run_dir_of(cfg)
-    if _finished(run_dir) and not cfg.overwrite:
-        log.info("%s already finished (metrics.json exists); pass --overwrite to retrain", run_dir)
-        return runs.read_json(os.path.join(run_dir, runs.METRICS))
-    _prepare_run_dir(run_dir, overwrite=cfg.overwrite)
-    _attach_log_file(run_dir)
+    manifest = manifest or Manifest.load(config.tfrecords)
+    config = config.replace(fold=str(fold))
+    run = RunDir.of(config.runs_dir, config.run_name, fold)
+    if run.is_complete() and not config.overwrite:
+        log.info("%s already finished; pass --overwrite to retrain", run.path)
+        return run.metrics()
+    run.start(overwrite=config.overwrite)
+    _attach_log_file(run)
 
     # Device and precision come first: datasets and variables are created under them.
-    strategy, strategy_desc = strat.resolve_strategy(cfg.strategy)
-    policy = strat.apply_precision(strat.resolve_precision(cfg.precision, strategy=strategy))
-    keras.utils.set_random_seed(cfg.seed)
+    strategy, strategy_desc = strat.resolve_strategy(config.strategy)
+    policy = strat.apply_precision(strat.resolve_precision(config.precision, strategy=strategy))
+    keras.utils.set_random_seed(config.seed)
     replicas = strategy.num_replicas_in_sync
-    global_batch = cfg.batch_size * replicas
-    lr = schedules.scale_lr(cfg.lr, global_batch, base_batch=cfg.batch_size)
+    global_batch = config.batch_size * replicas
+    lr = schedules.scale_lr(config.lr, global_batch, base_batch=config.batch_size)
 
-    spec = models.get_arch(cfg.arch)
-    image_size = _image_size(cfg, manifest, spec)
-    num_classes = manifest["num_classes"]
-    train_folds = [f for f in range(manifest["folds"]) if f != cfg.fold]
-    n_train = data.count_records(cfg.tfrecords, folds=train_folds, split="train")
-    n_val = data.count_records(cfg.tfrecords, folds=[cfg.fold], split="train")
-    steps = cfg.steps_per_epoch or max(1, n_train // global_batch)
-    class_weight = _class_weights(cfg.class_weight, manifest, train_folds)
-    monitor = cfg.monitor or losses.default_monitor(num_classes)
-    resolved = _resolved_config(cfg, manifest=manifest, image_size=image_size, lr_scaled=lr, steps=steps,
-                                global_batch=global_batch, class_weight=class_weight, monitor=monitor,
-                                strategy_desc=strategy_desc, policy=policy, replicas=replicas,
-                                n_train=n_train, n_val=n_val, train_folds=train_folds)
-    log.info("fold %d: %d train / %d val images, %s, %s, global batch %d (%d x %d replicas), lr %.2e",
-             cfg.fold, n_train, n_val, strategy_desc, policy, global_batch, cfg.batch_size, replicas, lr)
+    image_size = models.input_size(config.arch, config.image_size, stored=manifest.image_size,
+                                   weights=config.weights)
+    val_folds = [] if fold == "full" else [int(fold)]
+    train_folds = [f for f in range(manifest.n_folds) if f not in val_folds]
+    n_train, n_val = manifest.count("train", train_folds), (manifest.count("train", val_folds) if val_folds else 0)
+    steps = config.steps_per_epoch or max(1, n_train // global_batch)
+    class_weight = _class_weights(config, manifest, train_folds)
+    monitor = _monitor(config, manifest.num_classes)
+    first_eligible = _first_eligible_epoch(config)
+    resolved = dict(classes=manifest.classes, num_classes=manifest.num_classes, image_size=list(image_size),
+                    stored_image_size=list(manifest.image_size), tfrecords=io.absolute(config.tfrecords),
+                    manifest_sha256=manifest.sha256, mpp=manifest.mpp, stain=manifest.stain,
+                    train_folds=train_folds, val_folds=val_folds, n_train=n_train, n_val=n_val, steps=steps,
+                    global_batch=global_batch, replicas=replicas, lr_scaled=lr, class_weight=class_weight,
+                    monitor=monitor, first_eligible_epoch=first_eligible + 1, strategy=strategy_desc,
+                    precision=policy, created=time.strftime("%Y-%m-%dT%H:%M:%S"))
+    log.info("fold %s: %d train / %d val images, %s, %s, global batch %d (%d x %d replicas), lr %.2e, "
+             "image %dx%d, seed %d", fold, n_train, n_val, strategy_desc, policy, global_batch,
+             config.batch_size, replicas, lr, *image_size, config.seed)
 
-    label_mode = "binary" if num_classes == 2 else "categorical"
-    common = dict(image_size=image_size, label_mode=label_mode, num_classes=num_classes)
-    train_ds = data.make_dataset(cfg.tfrecords, split="train", folds=train_folds, training=True,
-                                 batch_size=global_batch, augment=cfg.augment, class_weight=class_weight,
-                                 cache=cfg.cache, seed=cfg.seed, **common)
-    val_ds = data.make_dataset(cfg.tfrecords, split="train", folds=[cfg.fold], training=False,
-                               batch_size=global_batch, **common)
+    label_mode = "binary" if manifest.num_classes == 2 else "categorical"
+    common = dict(image_size=image_size, label_mode=label_mode)
+    train_ds = data.make_dataset(manifest, split="train", folds=train_folds, training=True,
+                                 batch_size=global_batch, augment=config.augment, mixup=config.mixup,
+                                 class_weight=class_weight, cache=config.cache, seed=config.seed, **common)
+    val_ds = (data.make_dataset(manifest, split="train", folds=val_folds, training=False,
+                                batch_size=global_batch, **common) if val_folds else None)
 
     with strategy.scope():
-        model, weights_used = _build(cfg, num_classes=num_classes, image_size=image_size)
+        model, weights_used = _build(config, num_classes=manifest.num_classes, image_size=image_size)
         resolved["weights_resolved"] = weights_used
-        runs.write_json(os.path.join(run_dir, runs.CONFIG), resolved)
-        total_steps = steps * cfg.epochs
-        stages = _stages(cfg)
-        for stage_i, (stage_name, first_epoch, last_epoch, trainable) in enumerate(stages):
-            models.set_backbone_trainable(model, trainable)
-            log.info("stage %s: epochs %d-%d, %d trainable params", stage_name, first_epoch + 1,
-                     last_epoch, _trainable_count(model))
+        run.write_config(config, resolved)
+        total_steps = steps * config.epochs
+        for stage_i, (stage, first_epoch, last_epoch, trainable) in enumerate(_stages(config)):
+            models.set_backbone_trainable(model, trainable, freeze_bn=None if config.train_bn else True)
+            log.info("stage %s: epochs %d-%d, %d trainable params", stage, first_epoch + 1, last_epoch,
+                     models.count_params(model, trainable_only=True))
             model.compile(
-                optimizer=_optimizer(cfg, lr=lr, total_steps=total_steps, first_step=first_epoch * steps),
-                loss=losses.make_loss(num_classes=num_classes, label_smoothing=cfg.label_smoothing,
-                                      focal=cfg.focal),
-                metrics=losses.make_metrics(num_classes),
-            )
+                optimizer=_optimizer(config, lr=lr, total_steps=total_steps, first_step=first_epoch * steps),
+                loss=losses.make_loss(num_classes=manifest.num_classes, label_smoothing=config.label_smoothing,
+                                      focal=config.focal),
+                metrics=losses.make_metrics(manifest.num_classes))
             t0 = time.time()
-            model.fit(train_ds, epochs=last_epoch, initial_epoch=first_epoch, steps_per_epoch=steps,
-                      validation_data=val_ds, verbose=2, shuffle=False,  # tf.data shuffles
-                      callbacks=_callbacks(cfg, run_dir=run_dir, monitor=monitor, stage=stage_i))
-            log.info("stage %s took %.1f s", stage_name, time.time() - t0)
-
-    model.load_weights(os.path.join(run_dir, runs.WEIGHTS))
-    return _finish(cfg, model=model, run_dir=run_dir, resolved=resolved, image_size=image_size,
-                   num_classes=num_classes, manifest=manifest)
+            with reading(manifest, train_folds + val_folds):
+                model.fit(train_ds, epochs=last_epoch, initial_epoch=first_epoch, steps_per_epoch=steps,
+                          validation_data=val_ds, verbose=2, shuffle=False,  # tf.data shuffles
+                          callbacks=_callbacks(config, run=run, monitor=monitor, stage=stage_i,
+                                               first_eligible=first_eligible))
+            log.info("stage %s took %.1f s", stage, time.time() - t0)
+    if monitor == "last":
+        model.save_weights(run.file(WEIGHTS))   # the final (EMA when --ema) weights
+    else:
+        model.load_weights(run.file(WEIGHTS))   # the best eligible epoch
+    return _finish(config, model=model, run=run, resolved=resolved, manifest=manifest, fold=fold,
+                   image_size=image_size)
 
 
 # --------------------------------------------------------------------------------------- helpers
 
-def _check_fold(cfg: TrainConfig, manifest: dict) -> None:
-    k = manifest["folds"]
-    if not 0 <= cfg.fold < k:
-        raise ValueError(f"--fold={cfg.fold} is out of range: {cfg.tfrecords} holds folds 0..{k - 1}")
+class reading:
+    """Context manager at the train/predict boundary: a corrupt shard (TensorFlow's DataLossError, or a
+    record that does not decode) becomes an IntegrityError naming the shard and record."""
+
+    def __init__(self, manifest: Manifest, folds=None, *, split: str = "train"):
+        self.manifest, self.folds, self.split = manifest, folds, split
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, error, tb):
+        import tensorflow as tf
+
+        if kind is None or not issubclass(kind, (tf.errors.DataLossError, tf.errors.InvalidArgumentError)):
+            return False
+        from histofold import records
+
+        files = self.manifest.files(self.split, self.folds) if (self.split == "test" or self.folds) else []
+        found = records.find_corrupt_record(files)
+        where = f"shard {found[0]} is corrupt at record {found[1]}" if found else \
+            f"a shard of {self.manifest.directory} is corrupt ({str(error).splitlines()[0][:160]})"
+        raise IntegrityError(f"{where}: run `python prepare_tfrecords.py --verify --out="
+                             f"{self.manifest.directory}` to list the damage, then rerun the same prepare "
+                             "command (it rewrites bad shards)") from None
 
 
-def _finished(run_dir: str) -> bool:
-    import tensorflow as tf
-
-    return tf.io.gfile.exists(os.path.join(run_dir, runs.METRICS))
-
-
-def _prepare_run_dir(run_dir: str, *, overwrite: bool) -> None:
-    import tensorflow as tf
-
-    if overwrite and tf.io.gfile.exists(run_dir):
-        tf.io.gfile.rmtree(run_dir)
-    tf.io.gfile.makedirs(run_dir)
-
-
-def _attach_log_file(run_dir: str) -> None:
+def _attach_log_file(run: RunDir) -> None:
     """train.log gets everything the histofold logger says (appending, so a resumed run keeps its past)."""
     for h in list(log.handlers):
         if isinstance(h, logging.FileHandler):
             log.removeHandler(h)
             h.close()
-    handler = logging.FileHandler(os.path.join(run_dir, runs.LOG), mode="a")
+    if io.is_url(run.path):
+        return  # a FileHandler needs a local path; remote runs log to stderr only
+    handler = logging.FileHandler(run.file(LOG), mode="a")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    handler.setLevel(logging.INFO)
     log.addHandler(handler)
-    log.setLevel(logging.INFO)
+    if log.getEffectiveLevel() > logging.INFO:
+        log.setLevel(logging.INFO)  # the file records INFO whatever stderr shows
 
 
-def _image_size(cfg: TrainConfig, manifest: dict, spec) -> tuple[int, int]:
-    """--image_size, else the arch's default for pretrained backbones, else the stored size."""
-    if cfg.image_size:
-        size = (int(cfg.image_size), int(cfg.image_size))
-    elif spec.keras_app and cfg.weights not in ("none", None):
-        size = (spec.default_size, spec.default_size)
-    else:
-        size = tuple(manifest["image_size"])
-    mult = spec.size_multiple or 1
-    for s in size:
-        if s < spec.min_size or s % mult:
-            ok = max(spec.min_size, mult * round(s / mult))
-            raise ValueError(f"image size {s} does not suit {cfg.arch} (needs >= {spec.min_size} and a "
-                             f"multiple of {mult}); pass --image_size={ok}")
-    return size
-
-
-def _class_weights(spec: str, manifest: dict, train_folds: list[int]) -> list[float] | None:
+def _class_weights(config: TrainConfig, manifest: Manifest, train_folds: list[int]) -> list[float] | None:
     """Per-class weights from the training folds' counts; applied as sample weights inside tf.data."""
     from histofold import data
 
-    num_classes = manifest["num_classes"]
-    if spec in ("none", "", None, False):
+    spec = config.class_weights_spec()
+    if spec is None:
         return None
     if spec == "balanced":
-        per_fold = manifest["counts"]["per_fold_class"]  # {fold: {class name: count}}
-        names = manifest["classes"]
-        counts = [sum(int(per_fold[str(f)].get(names[c], per_fold[str(f)].get(str(c), 0))) for f in train_folds)
-                  for c in range(num_classes)]
-        return [float(w) for w in data.balanced_class_weights(counts)]
-    try:
-        parsed = json.loads(spec) if isinstance(spec, str) else spec
-    except json.JSONDecodeError as e:
-        raise ValueError(f"--class_weight={spec!r} is not balanced, none or JSON ({e})") from None
-    if isinstance(parsed, dict):
-        names = manifest["classes"]
-        parsed = [float(parsed.get(n, parsed.get(str(i), 1.0))) for i, n in enumerate(names)]
-    if len(parsed) != num_classes:
-        raise ValueError(f"--class_weight has {len(parsed)} weights but the dataset has {num_classes} classes")
-    return [float(w) for w in parsed]
+        return [float(w) for w in data.balanced_class_weights(manifest.class_counts(train_folds))]
+    if isinstance(spec, dict):
+        unknown = [k for k in spec if k not in manifest.classes and not (k.isdigit() and int(k) < manifest.num_classes)]
+        if unknown:
+            raise UsageError(f"--class_weight names {unknown[0]!r}, not a class of the dataset ({manifest.classes})")
+        spec = [float(spec.get(n, spec.get(str(i), 1.0))) for i, n in enumerate(manifest.classes)]
+    if len(spec) != manifest.num_classes:
+        raise UsageError(f"--class_weight has {len(spec)} weights but the dataset has {manifest.num_classes} classes")
+    return spec
 
 
-def _manifest_sha(tfrecords: str) -> str:
-    import tensorflow as tf
+def _monitor(config: TrainConfig, num_classes: int) -> str:
+    """What picks the kept weights: a validation metric, or "last" (--fold=full, or --ema on its own)."""
+    from histofold import losses
 
-    with tf.io.gfile.GFile(os.path.join(tfrecords, "manifest.json"), "rb") as f:
-        return hashlib.sha256(f.read()).hexdigest()
-
-
-def _resolved_config(cfg: TrainConfig, *, manifest: dict, image_size, **extra) -> dict:
-    resolved = dataclasses.asdict(cfg)
-    resolved.update(extra)
-    resolved.update(
-        name=cfg.name or cfg.arch, run_dir=run_dir_of(cfg), tfrecords=os.path.abspath(cfg.tfrecords)
-        if "://" not in cfg.tfrecords else cfg.tfrecords,
-        classes=manifest["classes"], num_classes=manifest["num_classes"], image_size=list(image_size),
-        stored_image_size=manifest["image_size"], folds=manifest["folds"],
-        manifest_sha256=_manifest_sha(cfg.tfrecords), source=manifest.get("source"),
-        created=time.strftime("%Y-%m-%dT%H:%M:%S"),
-    )
-    return resolved
+    if config.fold == "full":
+        return "last"
+    return config.monitor or losses.default_monitor(num_classes)
 
 
-def _build(cfg: TrainConfig, *, num_classes: int, image_size):
+def _first_eligible_epoch(config: TrainConfig) -> int:
+    """0-based first epoch whose weights may be kept: the one after the warm-up ends."""
+    if config.schedule in ("onecycle", "cosine") and config.warmup > 0:
+        return min(config.epochs - 1, max(0, math.ceil(config.warmup * config.epochs) - 1))
+    return 0
+
+
+def _build(config: TrainConfig, *, num_classes: int, image_size):
     """Model with the requested weights; weights=auto tries ImageNet and says so when it cannot."""
     from histofold import models
 
-    spec = models.get_arch(cfg.arch)
-    kw = dict(num_classes=num_classes, image_size=image_size, dropout=cfg.dropout, seed=cfg.seed,
-              **cfg.arch_kwargs)
-    if cfg.init_run:  # finetune: same architecture as the starting run, its best weights
-        model = models.build_model(cfg.arch, weights=None, **kw)
-        model.load_weights(os.path.join(cfg.init_run, runs.WEIGHTS))
-        return model, f"run:{cfg.init_run}"
-    weights = cfg.weights
-    if weights == "auto":
+    spec = models.get_arch(config.arch)
+    kw = dict(num_classes=num_classes, image_size=image_size, dropout=config.dropout, seed=config.seed,
+              **config.arch_kwargs)
+    if config.init_run:  # finetune: same architecture as the starting run, its checked weights
+        source = RunDir(config.init_run)
+        model = models.build_model(config.arch, weights=None, **kw)
+        model.load_weights(source.checked(WEIGHTS))
+        return model, f"run:{source.path}"
+    if config.weights == "auto":
         if not spec.keras_app:
-            return models.build_model(cfg.arch, weights=None, **kw), "none"
+            return models.build_model(config.arch, weights=None, **kw), "none"
         try:
-            return models.build_model(cfg.arch, weights="imagenet", **kw), "imagenet"
-        except RuntimeError as e:
-            log.warning("weights=auto: %s -- training %s from scratch instead", e, cfg.arch)
-            return models.build_model(cfg.arch, weights=None, **kw), "none"
-    return models.build_model(cfg.arch, weights=None if weights == "none" else weights, **kw), weights
+            return models.build_model(config.arch, weights="imagenet", **kw), "imagenet"
+        except UsageError as e:
+            log.warning("weights=auto: %s -- training %s from scratch instead", e, config.arch)
+            return models.build_model(config.arch, weights=None, **kw), "none"
+    weights = None if config.weights == "none" else config.weights
+    return models.build_model(config.arch, weights=weights, **kw), config.weights
 
 
-def _stages(cfg: TrainConfig) -> list[tuple[str, int, int, object]]:
+def _stages(config: TrainConfig) -> list[tuple[str, int, int, object]]:
     """(name, first_epoch, last_epoch, backbone trainable) per stage: head-only first when asked."""
-    if cfg.unfreeze:
-        n = cfg.unfreeze
-        return [("finetune", 0, cfg.epochs, True if str(n) == "all" else int(n))]
-    n = min(cfg.freeze_base_epochs, cfg.epochs)
+    if config.unfreeze:
+        return [("finetune", 0, config.epochs, True if config.unfreeze == "all" else int(config.unfreeze))]
+    n = min(config.freeze_base_epochs, config.epochs)
     if n <= 0:
-        return [("train", 0, cfg.epochs, True)]
-    stages = [("head", 0, n, False)]
-    if n < cfg.epochs:
-        stages.append(("full", n, cfg.epochs, True))
-    return stages
+        return [("train", 0, config.epochs, True)]
+    return [("head", 0, n, False)] + ([("full", n, config.epochs, True)] if n < config.epochs else [])
 
 
-def _trainable_count(model) -> int:
-    return int(sum(np.prod(v.shape) for v in model.trainable_weights))
-
-
-def _optimizer(cfg: TrainConfig, *, lr: float, total_steps: int, first_step: int):
+def _optimizer(config: TrainConfig, *, lr: float, total_steps: int, first_step: int):
     from histofold import schedules
 
     # A stage that starts mid-run gets a schedule shifted by its first step, so the LR curve is
     # one continuous curve over all stages (the new optimizer's step counter starts at 0).
-    sched = schedules.make_schedule(cfg.schedule, total_steps=total_steps, max_lr=lr, warmup=cfg.warmup,
+    sched = schedules.make_schedule(config.schedule, total_steps=total_steps, max_lr=lr, warmup=config.warmup,
                                     offset=first_step)
-    name = cfg.optimizer.lower()
-    if name == "adamw":
-        return keras.optimizers.AdamW(learning_rate=sched, weight_decay=cfg.weight_decay)
-    if name == "adam":
-        return keras.optimizers.Adam(learning_rate=sched)
-    if name == "sgd":
-        return keras.optimizers.SGD(learning_rate=sched, momentum=0.9, nesterov=True,
-                                    weight_decay=cfg.weight_decay or None)
-    raise ValueError(f"unknown --optimizer={cfg.optimizer!r}; valid: adamw, adam, sgd")
+    ema = dict(use_ema=True, ema_momentum=config.ema) if config.ema else {}
+    if config.optimizer == "adamw":
+        return keras.optimizers.AdamW(learning_rate=sched, weight_decay=config.weight_decay, **ema)
+    if config.optimizer == "adam":
+        return keras.optimizers.Adam(learning_rate=sched, **ema)
+    return keras.optimizers.SGD(learning_rate=sched, momentum=0.9, nesterov=True,
+                                weight_decay=config.weight_decay or None, **ema)
 
 
-def _callbacks(cfg: TrainConfig, *, run_dir: str, monitor: str, stage: int) -> list:
+class _BestCheckpoint(keras.callbacks.Callback):
+    """Saves the weights when `monitor` improves, from `first_eligible` (0-based epoch) on."""
 
-    ckpt = keras.callbacks.ModelCheckpoint(os.path.join(run_dir, runs.WEIGHTS), monitor=monitor,
-                                           mode=_mode(monitor), save_best_only=True, save_weights_only=True)
-    best = _best_so_far(run_dir, monitor)
-    if best is not None:  # resumed run: keep the best of the epochs before the interruption
-        ckpt.best = best
+    def __init__(self, path: str, *, monitor: str, first_eligible: int, best=None):
+        super().__init__()
+        self.path, self.monitor, self.first_eligible = path, monitor, first_eligible
+        self.sign = -1.0 if "loss" in monitor else 1.0
+        self.best = best
+
+    def on_epoch_end(self, epoch, logs=None):
+        value = (logs or {}).get(self.monitor)
+        if value is None or epoch < self.first_eligible or not math.isfinite(float(value)):
+            return
+        if self.best is None or self.sign * float(value) > self.sign * self.best:
+            self.best = float(value)
+            self.model.save_weights(self.path)
+
+
+def _callbacks(config: TrainConfig, *, run: RunDir, monitor: str, stage: int, first_eligible: int) -> list:
     cbs = [
         _LearningRateLogger(),  # before CSVLogger so the LR lands in history.csv
-        _TerminateOnNaN(cfg),
-        keras.callbacks.BackupAndRestore(os.path.join(run_dir, f"backup{stage}")),
-        ckpt,
-        keras.callbacks.CSVLogger(os.path.join(run_dir, runs.HISTORY), append=True),
+        _TerminateOnNaN(config),
+        # BackupAndRestore before SwapEMAWeights: the backup holds the raw weights and the optimizer's EMA
+        keras.callbacks.BackupAndRestore(run.file(f"backup{stage}")),
     ]
-    if cfg.patience:
-        cbs.append(keras.callbacks.EarlyStopping(monitor=monitor, mode=_mode(monitor), patience=cfg.patience,
-                                                 restore_best_weights=False))
-    if cfg.schedule == "plateau":
-        cbs.append(keras.callbacks.ReduceLROnPlateau(monitor=monitor, mode=_mode(monitor), factor=0.5,
-                                                     patience=max(1, cfg.patience // 2 or 2), min_lr=cfg.lr / 100))
-    if cfg.tensorboard:
-        cbs.append(keras.callbacks.TensorBoard(os.path.join(run_dir, "tensorboard")))
+    if config.ema:
+        cbs.append(keras.callbacks.SwapEMAWeights(swap_on_epoch=True))  # validate + checkpoint the EMA weights
+    if monitor != "last":
+        cbs.append(_BestCheckpoint(run.file(WEIGHTS), monitor=monitor, first_eligible=first_eligible,
+                                   best=_best_so_far(run, monitor, first_eligible)))
+    cbs.append(keras.callbacks.CSVLogger(run.file(HISTORY), append=True))
+    if config.patience:
+        cbs.append(keras.callbacks.EarlyStopping(monitor=monitor, mode="min" if "loss" in monitor else "max",
+                                                 patience=config.patience, start_from_epoch=first_eligible))
+    if config.schedule == "plateau":
+        cbs.append(keras.callbacks.ReduceLROnPlateau(monitor=monitor if monitor != "last" else "loss",
+                                                     mode="min" if "loss" in monitor else "max", factor=0.5,
+                                                     patience=max(1, config.patience // 2 or 2),
+                                                     min_lr=config.lr / 100))
+    if config.tensorboard:
+        cbs.append(keras.callbacks.TensorBoard(run.file("tensorboard")))
     return cbs
 
 
-def _mode(monitor: str) -> str:
-    return "min" if "loss" in monitor else "max"
-
-
-def _best_so_far(run_dir: str, monitor: str):
-    import pandas as pd
-    import tensorflow as tf
-
-    path = os.path.join(run_dir, runs.HISTORY)
-    if not tf.io.gfile.exists(path) or not tf.io.gfile.exists(os.path.join(run_dir, runs.WEIGHTS)):
+def _best_so_far(run: RunDir, monitor: str, first_eligible: int):
+    """A resumed run: the best monitored value among the eligible epochs before the interruption."""
+    hist = run.history()
+    if hist is None or monitor not in hist or not run.has(WEIGHTS):
         return None
-    hist = pd.read_csv(path)
-    if monitor not in hist or hist.empty:
+    eligible = hist.loc[hist["epoch"] >= first_eligible, monitor] if "epoch" in hist else hist[monitor]
+    if eligible.empty:
         return None
-    return float(hist[monitor].min() if _mode(monitor) == "min" else hist[monitor].max())
+    return float(eligible.min() if "loss" in monitor else eligible.max())
 
 
-def _finish(cfg: TrainConfig, *, model, run_dir: str, resolved: dict, image_size, num_classes: int,
-            manifest: dict) -> dict:
-    """Predict fold k with the best weights -> oof.csv and metrics.json; remove the backups."""
-    import tensorflow as tf
-    from histofold import data, predict
+def _finish(config: TrainConfig, *, model, run: RunDir, resolved: dict, manifest: Manifest, fold,
+            image_size) -> dict:
+    """Predict fold k with the kept weights -> oof.csv and metrics.json; remove the backups; complete.json."""
+    from histofold import data, tta
 
-    val_ds = data.make_dataset(cfg.tfrecords, split="train", folds=[cfg.fold], training=False,
-                               batch_size=cfg.batch_size * 2, image_size=image_size, with_ids=True,
-                               label_mode="int", num_classes=num_classes)
-    oof = predict.predict_frame(model, val_ds, n=cfg.oof_tta, class_names=manifest["classes"])
-    oof.insert(2, "fold", cfg.fold)
-    with tf.io.gfile.GFile(os.path.join(run_dir, runs.OOF), "w") as f:
-        oof.to_csv(f, index=False)
-    summary = _oof_metrics(oof, manifest["classes"])
-    summary.update(fold=cfg.fold, run_dir=run_dir, monitor=resolved["monitor"],
-                   best_monitor=_best_so_far(run_dir, resolved["monitor"]), n_oof=len(oof),
-                   epochs_run=int(len(_history(run_dir))))
-    runs.write_json(os.path.join(run_dir, runs.METRICS), summary)
+    history = run.history()
+    summary = {"fold": fold, "run_dir": run.path, "monitor": resolved["monitor"],
+               "epochs_run": 0 if history is None else int(len(history))}
+    if fold != "full":
+        val_ds = data.make_dataset(manifest, split="train", folds=[int(fold)], training=False,
+                                   batch_size=config.batch_size * 2, image_size=image_size, with_ids=True,
+                                   label_mode="int")
+        with reading(manifest, [int(fold)]):
+            oof = tta.predict_frame(model, val_ds, n=config.oof_tta, class_names=manifest.classes,
+                                    desc=f"OOF fold {fold} TTA x{config.oof_tta}")
+        oof.insert(2, "fold", int(fold))
+        io.write_csv(run.file(OOF), oof)
+        summary.update(_oof_metrics(oof, manifest.classes))
+        summary.update(best_monitor=_best_so_far(run, resolved["monitor"], resolved["first_eligible_epoch"] - 1)
+                       if resolved["monitor"] != "last" else None, n_oof=len(oof))
+    io.write_json(run.file(METRICS), summary)
     for stage in range(2):
-        backup = os.path.join(run_dir, f"backup{stage}")
-        if tf.io.gfile.exists(backup):
-            tf.io.gfile.rmtree(backup)
-    log.info("fold %d done: %s", cfg.fold, json.dumps({k: v for k, v in summary.items()
-                                                       if isinstance(v, (int, float))}))
+        io.rmtree(run.file(f"backup{stage}"))
+    run.mark_complete()
+    log.info("fold %s done: %s", fold, ", ".join(f"{k}={summary[k]:.4f}" if isinstance(summary[k], float)
+                                                   else f"{k}={summary[k]}" for k in SUMMARY_KEYS if k in summary))
     return summary
-
-
-def _history(run_dir: str):
-    import pandas as pd
-
-    return pd.read_csv(os.path.join(run_dir, runs.HISTORY))
 
 
 def _oof_metrics(oof, classes: list[str]) -> dict:
@@ -376,7 +340,8 @@ def _oof_metrics(oof, classes: list[str]) -> dict:
         m = metrics.binary_metrics(y, probs[:, 1])
     else:
         m = metrics.multiclass_metrics(y, probs, class_names=classes)
-    return {k: v for k, v in m.items() if isinstance(v, (int, float, np.floating, np.integer))}
+    return {k: (int(v) if isinstance(v, (int, np.integer)) else float(v)) for k, v in m.items()
+            if isinstance(v, (int, float, np.floating, np.integer)) and not isinstance(v, bool)}
 
 
 class _LearningRateLogger(keras.callbacks.Callback):
@@ -390,19 +355,19 @@ class _LearningRateLogger(keras.callbacks.Callback):
 class _TerminateOnNaN(keras.callbacks.Callback):
     """Stops at the first NaN/inf loss and says what usually causes it."""
 
-    def __init__(self, cfg: TrainConfig):
+    def __init__(self, config: TrainConfig):
         super().__init__()
-        self.cfg = cfg
+        self.config = config
 
     def on_train_batch_end(self, batch, logs=None):
         loss = (logs or {}).get("loss")
         if loss is None or math.isfinite(float(loss)):
             return
         fp16 = "float16" in str(keras.config.dtype_policy().name)
-        msg = (f"loss became {loss} at batch {batch}: the LR is likely too high (--lr={self.cfg.lr}; try "
+        msg = (f"loss became {loss} at batch {batch}: the LR is likely too high (--lr={self.config.lr}; try "
                f"3-10x lower, or a warm-up schedule)"
                + (", or float16 overflowed (try --precision=float32)" if fp16 else "")
                + "; also check the inputs for NaN")
         log.error(msg)
         self.model.stop_training = True
-        raise FloatingPointError(msg)
+        raise UsageError(msg)

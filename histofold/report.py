@@ -10,19 +10,15 @@ from __future__ import annotations
 import base64
 import datetime
 import html
-import json
 import math
-import os
 from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
 
-from histofold import metrics
+from histofold import io, metrics, plots
+from histofold import runs as runs_mod
 
-DPI = 110
-STYLE = {"font.size": 10, "axes.titlesize": 12, "axes.labelsize": 10, "legend.fontsize": 8.5,
-         "xtick.labelsize": 9, "ytick.labelsize": 9, "axes.grid": True, "grid.alpha": 0.3}
 FIG_DIR = "figures"
 
 
@@ -47,6 +43,50 @@ class Run:
 
 # ------------------------------------------------------------------------------------------ entry point
 
+def evaluate(config) -> dict:
+    """evaluate.py: the report of one finished run (an EvaluateConfig), Grad-CAM from its own models."""
+    from histofold import runs
+
+    run_path = config.runs[0] if config.runs else runs.latest_run(config.runs_dir)
+    fold_dirs = runs.fold_dirs(run_path)
+    for other in config.compare:
+        runs.fold_dirs(other)  # a clear error now if a compared run is unfinished
+    name = config.name or runs.run_name(run_path)
+    callbacks = {}
+    if config.gradcam:
+        callbacks = dict(load_model=lambda d: runs.RunDir(d).build_model(),
+                         load_images=lambda ids: load_images(ids, run_dir=fold_dirs[0],
+                                                             tfrecords=config.tfrecords or None))
+    return build_report([d.path for d in fold_dirs], out_dir=config.out_dir, name=name,
+                        compare=list(config.compare) or None, oof_name=config.oof_file, gradcam=config.gradcam,
+                        n_gradcam=config.n_gradcam, n_boot=config.n_boot, tfrecords=config.tfrecords or None,
+                        **callbacks)
+
+
+def load_images(ids, *, run_dir, tfrecords: str | None = None):
+    """(N, H, W, 3) uint8 stored pixels of `ids` from the run's tfrecords (the labeled shards), in order.
+
+    Scans shards in order and stops once every id is found; DataError naming ids that are not there."""
+    from histofold.errors import DataError
+    from histofold.manifest import Manifest
+
+    manifest = Manifest.load(tfrecords or run_dir.resolved()["tfrecords"])
+    wanted, found = {str(i) for i in ids}, {}
+    for path in manifest.files("train"):
+        from histofold import records
+
+        for row in records.read_shard(path, manifest.encoding, images=True):
+            if row["id"] in wanted:
+                found[row["id"]] = row["image"]
+        if len(found) == len(wanted):
+            break
+    missing = wanted - set(found)
+    if missing:
+        raise DataError(f"{len(missing)} ids not in the tfrecords of {run_dir.path} (e.g. {sorted(missing)[:3]}); "
+                        "pass --tfrecords= where they were prepared")
+    return np.stack([found[str(i)] for i in ids])
+
+
 def build_report(run_dirs: list[str], *, out_dir: str, name: str, compare: list[str] | None = None,
                  gradcam: bool = True, tfrecords: str | None = None, n_gradcam: int = 4,
                  load_images=None, load_model=None, n_boot: int = 1000, seed: int = 0,
@@ -60,14 +100,14 @@ def build_report(run_dirs: list[str], *, out_dir: str, name: str, compare: list[
     Returns {"report_dir", "metrics_json", "report_md", "report_html", "figures", headline metrics}.
     """
     run = load_run(run_dirs, name=name, oof_name=oof_name)
-    report_dir = os.path.join(out_dir, name)
-    os.makedirs(os.path.join(report_dir, FIG_DIR), exist_ok=True)
+    report_dir = io.join(out_dir, name)
+    io.makedirs(io.join(report_dir, FIG_DIR))
     results = _metrics_section(run, n_boot=n_boot, seed=seed)
     figures = _figures(run, results)
-    others = [load_run([c], name=_run_name(c), oof_name=oof_name) for c in (compare or [])]
+    others = [load_run([c], name=runs_mod.run_name(c), oof_name=oof_name) for c in (compare or [])]
     if others:
         results["compare"] = [_compare(run, o, n_boot=n_boot, seed=seed) for o in others]
-        figures["compare_roc"] = _fig_compare_roc(run, others)
+        figures["compare_roc"] = plots.fig_compare_roc(run, others)
     results["gradcam"], gallery = _gradcam_section(run, enabled=gradcam, n=n_gradcam, load_images=load_images,
                                                    load_model=load_model)
     if gallery is not None:
@@ -79,55 +119,45 @@ def build_report(run_dirs: list[str], *, out_dir: str, name: str, compare: list[
 
 
 def load_run(run_dirs: list[str], *, name: str, oof_name: str = "oof.csv") -> Run:
-    """Read config.json, history.csv and oof.csv of every fold; classes must agree across folds."""
-    from histofold import runs
+    """Read config.json, history.csv and the OOF file of every finished fold; classes must agree."""
+    from histofold.errors import DataError
 
-    fold_dirs = [d for r in run_dirs for d in runs.fold_dirs(r)]
+    fold_dirs = [d for r in run_dirs for d in runs_mod.fold_dirs(r) if d.fold != "full"]
     if not fold_dirs:
-        raise ValueError("no run directories given: pass runs/<name> or runs/<name>/fold<k>")
-    configs = [runs.load_config(d) for d in fold_dirs]
+        raise DataError(f"{', '.join(run_dirs)} holds no fold with out-of-fold predictions (a --fold=full "
+                        "run has none): train with --fold=all to evaluate OOF")
+    configs = [{**d.raw_config(), **d.resolved()} for d in fold_dirs]
     classes = [str(c) for c in configs[0]["classes"]]
     for d, c in zip(fold_dirs, configs):
         if [str(x) for x in c["classes"]] != classes:
-            raise ValueError(f"{d}/config.json has classes {c['classes']} but {fold_dirs[0]} has {classes}: "
-                             f"report folds of one dataset together")
-    oofs = [_read_oof(d, c, classes, oof_name) for d, c in zip(fold_dirs, configs)]
-    histories = [_read_csv_or_none(os.path.join(d, runs.HISTORY)) for d in fold_dirs]
+            raise DataError(f"{d.file('config.json')} has classes {c['classes']} but {fold_dirs[0].path} has "
+                            f"{classes}: report folds of one dataset together")
+    oofs = [_read_oof(d, classes, oof_name) for d in fold_dirs]
     oof = pd.concat(oofs, ignore_index=True)
     dup = oof["id"][oof["id"].duplicated()]
     if len(dup):
-        raise ValueError(f"ids {list(dup[:5])} appear in the OOF of more than one fold of {name}: "
-                         f"pass each fold directory once, from one run")
-    return Run(name=name, fold_dirs=fold_dirs, configs=configs, histories=histories, oof=oof, classes=classes)
+        raise DataError(f"ids {list(dup[:5])} appear in the OOF of more than one fold of {name}: "
+                        f"pass each fold directory once, from one run")
+    return Run(name=name, fold_dirs=[d.path for d in fold_dirs], configs=configs,
+               histories=[d.history() for d in fold_dirs], oof=oof, classes=classes)
 
 
-def _read_oof(fold_dir: str, config: dict, classes: list[str], oof_name: str = "oof.csv") -> pd.DataFrame:
-    path = os.path.join(fold_dir, oof_name)
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{path} is missing: the fold did not finish; rerun train.py with the same flags")
-    oof = pd.read_csv(path, dtype={"id": str})
+def _read_oof(fold_dir, classes: list[str], oof_name: str = "oof.csv") -> pd.DataFrame:
+    from histofold.errors import DataError
+
+    oof = fold_dir.oof(oof_name)
+    path = fold_dir.file(oof_name)
     need = ["id", "label"] + [f"p_{c}" for c in classes]
     lacking = [c for c in need if c not in oof.columns]
     if lacking:
-        raise ValueError(f"{path} lacks columns {lacking}; expected id,label,fold,p_<class> for classes {classes}")
+        raise DataError(f"{path} lacks columns {lacking}; expected id,label,fold,p_<class> for classes {classes}")
     if "fold" not in oof.columns:
-        oof.insert(2, "fold", int(config.get("fold", -1)))
+        oof.insert(2, "fold", int(fold_dir.fold))
     bad = oof[need[2:]].isna().any(axis=1) | (oof["label"] < 0)
     if bad.any():
-        raise ValueError(f"{path}: {int(bad.sum())} rows have NaN probabilities or no label "
-                         f"(e.g. id {oof.loc[bad, 'id'].iloc[0]}); retrain that fold")
+        raise DataError(f"{path}: {int(bad.sum())} rows have NaN probabilities or no label "
+                        f"(e.g. id {oof.loc[bad, 'id'].iloc[0]}); {fold_dir.retrain_hint()}")
     return oof
-
-
-def _read_csv_or_none(path: str) -> pd.DataFrame | None:
-    return pd.read_csv(path) if os.path.exists(path) else None
-
-
-def _run_name(path: str) -> str:
-    """runs/<name>/fold3 -> <name>; runs/<name> -> <name>."""
-    path = os.path.normpath(path)
-    base = os.path.basename(path)
-    return os.path.basename(os.path.dirname(path)) if base.startswith("fold") and base[4:].isdigit() else base
 
 
 # ------------------------------------------------------------------------------------------ metrics
@@ -215,268 +245,17 @@ def _meta(run: Run, *, tfrecords, figures: dict) -> dict:
 
 # ------------------------------------------------------------------------------------------ figures
 
-def _new_figure(w: float, h: float):
-    from matplotlib.figure import Figure  # no pyplot: no global state, no GUI backend
-
-    return Figure(figsize=(w, h), dpi=DPI)
-
-
 def _figures(run: Run, results: dict) -> dict:
     """name -> matplotlib Figure, in report order."""
     import matplotlib
 
-    with matplotlib.rc_context(STYLE):
-        figs = {"roc": _fig_roc(run), "pr": _fig_pr(run), "confusion": _fig_confusion(run),
-                "reliability": _fig_reliability(run, results["calibration"]),
-                "class_balance": _fig_class_balance(run)}
+    with matplotlib.rc_context(plots.STYLE):
+        figs = {"roc": plots.fig_roc(run), "pr": plots.fig_pr(run), "confusion": plots.fig_confusion(run),
+                "reliability": plots.fig_reliability(run, results["calibration"]),
+                "class_balance": plots.fig_class_balance(run)}
         if any(h is not None for h in run.histories):
-            figs["training"] = _fig_training(run)
+            figs["training"] = plots.fig_training(run)
     return figs
-
-
-def _fig_roc(run: Run):
-    from sklearn.metrics import roc_curve
-
-    if not run.binary:
-        return _fig_ovr(run, kind="roc")
-    fig = _new_figure(6.4, 5.6)
-    ax = fig.subplots()
-    grid, tprs, aucs = np.linspace(0, 1, 201), [], []
-    for f, part in run.oof.groupby("fold"):
-        y, p = part["label"].to_numpy(int), part[f"p_{run.classes[1]}"].to_numpy()
-        if len(np.unique(y)) < 2:
-            continue
-        fpr, tpr, _ = roc_curve(y, p)
-        aucs.append(metrics.fast_auc(y, p))
-        ax.plot(fpr, tpr, lw=1, alpha=0.45, label=f"fold {f} (AUC {aucs[-1]:.3f})")
-        tprs.append(np.interp(grid, fpr, tpr))
-        tprs[-1][0] = 0.0
-    if tprs:
-        mean, std = np.mean(tprs, axis=0), np.std(tprs, axis=0)
-        mean[-1] = 1.0
-        ax.plot(grid, mean, color="navy", lw=2.2,
-                label=f"mean ROC (AUC {np.mean(aucs):.3f} ± {np.std(aucs, ddof=1) if len(aucs) > 1 else 0:.3f})")
-        ax.fill_between(grid, np.clip(mean - std, 0, 1), np.clip(mean + std, 0, 1), color="navy", alpha=0.15,
-                        label="± 1 std")
-    _roc_axes(ax, f"ROC per fold - {run.name}")
-    fig.tight_layout()
-    return fig
-
-
-def _roc_axes(ax, title: str) -> None:
-    ax.plot([0, 1], [0, 1], ls="--", color="grey", lw=1, label="chance")
-    ax.set(xlim=(0, 1), ylim=(0, 1.01), xlabel="False positive rate (1 - specificity)",
-           ylabel="True positive rate (sensitivity)", title=title)
-    ax.legend(loc="lower right")
-
-
-def _fig_ovr(run: Run, *, kind: str):
-    """One-vs-rest ROC or precision-recall curve per class on the pooled OOF."""
-    from sklearn.metrics import average_precision_score, precision_recall_curve, roc_curve
-
-    fig = _new_figure(7.0, 6.0)
-    ax = fig.subplots()
-    y, P = run.oof["label"].to_numpy(int), run.probs()
-    colors = _colors(len(run.classes))
-    for i, c in enumerate(run.classes):
-        yi = (y == i).astype(int)
-        if yi.min() == yi.max():
-            continue  # class absent (or everything): no curve
-        if kind == "roc":
-            fpr, tpr, _ = roc_curve(yi, P[:, i])
-            ax.plot(fpr, tpr, color=colors[i], lw=1.6, label=f"{c} (AUC {metrics.fast_auc(yi, P[:, i]):.3f})")
-        else:
-            prec, rec, _ = precision_recall_curve(yi, P[:, i])
-            ax.plot(rec, prec, color=colors[i], lw=1.6, label=f"{c} (AP {average_precision_score(yi, P[:, i]):.3f})")
-    if kind == "roc":
-        _roc_axes(ax, f"One-vs-rest ROC per class - {run.name}")
-    else:
-        _pr_axes(ax, f"One-vs-rest precision-recall per class - {run.name}")
-    fig.tight_layout()
-    return fig
-
-
-def _fig_pr(run: Run):
-    from sklearn.metrics import average_precision_score, precision_recall_curve
-
-    if not run.binary:
-        return _fig_ovr(run, kind="pr")
-    fig = _new_figure(6.4, 5.6)
-    ax = fig.subplots()
-    for f, part in run.oof.groupby("fold"):
-        y, p = part["label"].to_numpy(int), part[f"p_{run.classes[1]}"].to_numpy()
-        if y.max() == 0:
-            continue
-        prec, rec, _ = precision_recall_curve(y, p)
-        ax.plot(rec, prec, lw=1, alpha=0.6, label=f"fold {f} (AP {average_precision_score(y, p):.3f})")
-    y, p = run.oof["label"].to_numpy(int), run.probs()[:, 1]
-    if y.max() > 0:
-        prec, rec, _ = precision_recall_curve(y, p)
-        ax.plot(rec, prec, color="navy", lw=2.2, label=f"pooled OOF (AP {average_precision_score(y, p):.3f})")
-    ax.axhline(y.mean(), ls="--", color="grey", lw=1, label=f"prevalence {y.mean():.2f}")
-    _pr_axes(ax, f"Precision-recall per fold - {run.name}")
-    fig.tight_layout()
-    return fig
-
-
-def _pr_axes(ax, title: str) -> None:
-    ax.set(xlim=(0, 1), ylim=(0, 1.02), xlabel="Recall (sensitivity)", ylabel="Precision (PPV)", title=title)
-    ax.legend(loc="lower left")
-
-
-def _fig_confusion(run: Run):
-    """Counts and row-normalised (recall per true class) confusion matrices, side by side."""
-    from sklearn.metrics import confusion_matrix
-
-    k = len(run.classes)
-    y, pred = run.oof["label"].to_numpy(int), run.probs().argmax(1)
-    cm = confusion_matrix(y, pred, labels=list(range(k)))
-    with np.errstate(invalid="ignore", divide="ignore"):
-        norm = cm / cm.sum(axis=1, keepdims=True)
-    side = max(4.2, 0.7 * k + 2.4)  # inches per panel: cells stay readable up to ~10 classes
-    stacked = k > 5  # side by side, two 9-class panels would be scaled down to unreadable text in the HTML
-    fig = _new_figure(side + 1.0, 2 * side) if stacked else _new_figure(2 * side + 1.2, side)
-    axes = fig.subplots(2, 1) if stacked else fig.subplots(1, 2)
-    _matrix(axes[0], cm, run.classes, fmt="{:d}", title=f"{run.name}: counts (argmax, pooled OOF, n = {len(y)})")
-    _matrix(axes[1], norm, run.classes, fmt="{:.2f}", title="Row-normalised (recall per true class)", vmax=1.0)
-    fig.tight_layout()
-    return fig
-
-
-def _matrix(ax, m: np.ndarray, names: list[str], *, fmt: str, title: str, vmax=None) -> None:
-    k = len(names)
-    im = ax.imshow(np.nan_to_num(m), cmap="Blues", vmin=0, vmax=vmax or max(1, np.nanmax(m)))
-    ax.figure.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
-    ax.set_xticks(range(k), labels=names, rotation=45 if k > 3 else 0, ha="right" if k > 3 else "center")
-    ax.set_yticks(range(k), labels=names)
-    ax.set(xlabel="Predicted class", ylabel="True class", title=title)
-    ax.grid(False)
-    threshold = (vmax or np.nanmax(m)) / 2
-    size = 11 if k <= 5 else 9.5 if k <= 10 else 8
-    for i in range(k):
-        for j in range(k):
-            v = m[i, j]
-            text = "-" if isinstance(v, float) and math.isnan(v) else fmt.format(v.item() if hasattr(v, "item") else v)
-            ax.text(j, i, text, ha="center", va="center", fontsize=size,
-                    color="white" if np.nan_to_num(v) > threshold else "black")
-
-
-def _fig_reliability(run: Run, calibration: dict):
-    bins = calibration["bins"]
-    edges = np.asarray(bins["edges"])
-    centers, width = (edges[:-1] + edges[1:]) / 2, np.diff(edges)
-    observed, conf = np.asarray(bins["observed"], float), np.asarray(bins["confidence"], float)
-    fig = _new_figure(6.0, 6.4)
-    top, bottom = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [3, 1]})
-    ok = np.isfinite(observed)
-    top.bar(centers[ok], observed[ok], width=width[ok] * 0.9, color="steelblue", edgecolor="navy", alpha=0.8,
-            label="observed")
-    top.plot(conf[ok], observed[ok], "o-", color="darkorange", ms=4, label="observed at mean confidence")
-    top.plot([0, 1], [0, 1], ls="--", color="grey", label="perfect calibration")
-    xlabel, ylabel = (("Mean predicted P(class 1)", "Observed fraction positive") if run.binary
-                      else ("Confidence (max class probability)", "Accuracy"))
-    top.set(xlim=(0, 1), ylim=(0, 1), ylabel=ylabel,
-            title=f"Reliability diagram - ECE = {calibration['ece']:.4f}")
-    top.legend(loc="upper left")
-    bottom.bar(centers, bins["count"], width=width * 0.9, color="grey")
-    bottom.set(xlabel=xlabel, ylabel="count")
-    fig.tight_layout()
-    return fig
-
-
-def _fig_training(run: Run):
-    """Loss, monitored metric and learning rate per epoch; one colour per fold, validation dashed."""
-    fig = _new_figure(15.0, 4.4)
-    ax_loss, ax_metric, ax_lr = fig.subplots(1, 3)
-    colors = _colors(len(run.fold_dirs))
-    metric_name = None
-    for i, (h, c) in enumerate(zip(run.histories, run.configs)):
-        if h is None or h.empty:
-            continue
-        epochs = np.arange(1, len(h) + 1)  # stages restart `epoch`; the row order is the true order
-        fold = c.get("fold", i)
-        _train_val(ax_loss, h, "loss", epochs, colors[i], f"fold {fold}")
-        metric_name = metric_name or _history_metric(h, c.get("monitor", ""))
-        if metric_name:
-            _train_val(ax_metric, h, metric_name, epochs, colors[i], f"fold {fold}")
-        if "lr" in h:
-            ax_lr.plot(epochs, h["lr"], color=colors[i], marker=".", label=f"fold {fold}")
-    ax_loss.set(title="Loss (solid train, dashed validation)", xlabel="epoch", ylabel="loss")
-    ax_metric.set(title=f"{metric_name or 'metric'} (solid train, dashed validation)", xlabel="epoch",
-                  ylabel=metric_name or "")
-    ax_lr.set(title="Learning rate (end of epoch)", xlabel="epoch", ylabel="LR")
-    if ax_lr.lines and all((line.get_ydata() > 0).all() for line in ax_lr.lines):
-        ax_lr.set_yscale("log")
-    for ax in (ax_loss, ax_metric, ax_lr):
-        if ax.lines:
-            ax.legend(ncol=2 if len(run.fold_dirs) > 3 else 1)
-    fig.suptitle(f"Training curves - {run.name}", fontsize=12)
-    fig.tight_layout()
-    return fig
-
-
-def _history_metric(h: pd.DataFrame, monitor: str) -> str | None:
-    """The monitored metric (without val_) when history.csv has it, else the first other metric."""
-    name = monitor[4:] if monitor.startswith("val_") else monitor
-    if name and name != "loss" and (name in h or f"val_{name}" in h):
-        return name
-    others = [c for c in h.columns if c not in ("epoch", "loss", "val_loss", "lr") and not c.startswith("val_")]
-    return others[0] if others else None
-
-
-def _train_val(ax, h: pd.DataFrame, col: str, epochs, color, label: str) -> None:
-    if col in h:
-        ax.plot(epochs, h[col], color=color, lw=1.5, label=f"{label} train")
-    if f"val_{col}" in h:
-        ax.plot(epochs, h[f"val_{col}"], color=color, lw=1.5, ls="--", marker=".", label=f"{label} val")
-
-
-def _fig_class_balance(run: Run):
-    counts = pd.crosstab(run.oof["fold"], run.oof["label"]).reindex(columns=range(len(run.classes)), fill_value=0)
-    k, folds = len(run.classes), list(counts.index)
-    fig = _new_figure(max(6.0, 1.1 * len(folds) + 0.25 * k * len(folds) / 2 + 2), 4.4)
-    ax = fig.subplots()
-    width = 0.8 / k
-    colors = _colors(k)
-    for j, c in enumerate(run.classes):
-        x = np.arange(len(folds)) + (j - (k - 1) / 2) * width
-        bars = ax.bar(x, counts[j].to_numpy(), width=width, color=colors[j], label=c)
-        if k * len(folds) <= 24:
-            ax.bar_label(bars, fontsize=8, padding=1)
-    ax.set_xticks(range(len(folds)), labels=[f"fold {f}" for f in folds])
-    ax.set(ylabel="images", title=f"Class balance per validation fold (OOF labels) - {run.name}")
-    ax.legend(title="class", ncol=1 if k <= 4 else 2, loc="upper left", bbox_to_anchor=(1.0, 1.0))
-    ax.grid(axis="x", visible=False)
-    fig.tight_layout()
-    return fig
-
-
-def _fig_compare_roc(run: Run, others: list[Run]):
-    """Pooled-OOF ROC of every run (binary: P(class 1); multi-class: micro-averaged one-vs-rest)."""
-    import matplotlib
-    from sklearn.metrics import roc_curve
-
-    with matplotlib.rc_context(STYLE):
-        fig = _new_figure(6.4, 5.6)
-        ax = fig.subplots()
-        for r, color in zip([run] + others, _colors(len(others) + 1)):
-            y, P = r.oof["label"].to_numpy(int), r.probs()
-            if r.binary:
-                yy, pp = y, P[:, 1]
-            else:  # micro average: every (row, class) pair is one binary decision
-                yy, pp = np.eye(len(r.classes))[y].ravel(), P.ravel()
-            fpr, tpr, _ = roc_curve(yy, pp)
-            ax.plot(fpr, tpr, color=color, lw=2, label=f"{r.name} (AUC {metrics.fast_auc(yy, pp):.4f}, n={len(y)})")
-        _roc_axes(ax, "ROC of compared runs (pooled OOF)" + ("" if run.binary else ", micro-averaged"))
-        fig.tight_layout()
-    return fig
-
-
-def _colors(n: int) -> list:
-    import matplotlib
-
-    cmap = matplotlib.colormaps["tab10" if n <= 10 else "tab20"]
-    return [cmap(i % cmap.N) for i in range(n)]
 
 
 # ------------------------------------------------------------------------------------------ Grad-CAM
@@ -520,8 +299,8 @@ def _gradcam_section(run: Run, *, enabled: bool, n: int, load_images, load_model
              "empty_maps": [c["id"] for c in cells.values() if not c["valid"]]}
     import matplotlib
 
-    with matplotlib.rc_context(STYLE):
-        fig = _fig_gallery(run, picks, cells, n=n)
+    with matplotlib.rc_context(plots.STYLE):
+        fig = plots.fig_gallery(run, picks, cells, n=n)
     return entry, fig
 
 
@@ -542,14 +321,10 @@ def _gradcam_cells(run: Run, rows: pd.DataFrame, *, load_images, load_model) -> 
 
 
 def _fit_to_model(images: np.ndarray, model) -> np.ndarray:
-    """uint8 images -> float32 [0, 255] at the model's input size (bilinear) when it differs."""
-    import tensorflow as tf
+    """Stored uint8 pixels -> the model's float32 input (data.model_inputs: the one resize)."""
+    from histofold.data import model_inputs
 
-    x = images.astype(np.float32)
-    want = tuple(model.input_shape[1:3])
-    if None not in want and want != x.shape[1:3]:
-        x = tf.image.resize(x, want, method="bilinear").numpy()
-    return x
+    return model_inputs(images, tuple(model.input_shape[1:3])).numpy()
 
 
 def _cell_text(run: Run, r) -> str:
@@ -564,49 +339,28 @@ def _short(s: str, k: int = 18) -> str:
     return s if len(s) <= k else "…" + s[-(k - 1):]
 
 
-def _fig_gallery(run: Run, picks: dict, cells: dict, *, n: int):
-    cats = list(picks)
-    fig = _new_figure(2.2 * n + 0.8, 2.55 * len(cats))
-    axes = np.atleast_2d(fig.subplots(len(cats), n, squeeze=False))
-    for i, cat in enumerate(cats):
-        ids = picks[cat]["id"].tolist()
-        for j in range(n):
-            ax = axes[i, j]
-            ax.axis("off")
-            if j < len(ids):
-                cell = cells[ids[j]]
-                ax.imshow(cell["overlay"])
-                ax.set_title(cell["text"] + ("" if cell["valid"] else "\n(empty map)"), fontsize=8)
-            elif j == 0:
-                ax.text(0.5, 0.5, "none", ha="center", va="center", transform=ax.transAxes)
-        axes[i, 0].text(-0.08, 0.5, cat, rotation=90, ha="right", va="center", fontsize=12, fontweight="bold",
-                        transform=axes[i, 0].transAxes)
-    fig.suptitle(f"Grad-CAM of the predicted class, most confident OOF images - {run.name}", fontsize=12)
-    fig.tight_layout()
-    return fig
-
-
 # ------------------------------------------------------------------------------------------ outputs
 
 def _save_figures(figures: dict, report_dir: str) -> dict:
+    import io as stdio
+
     paths = {}
     for key, fig in figures.items():
         rel = f"{FIG_DIR}/{key}.png"
-        fig.savefig(os.path.join(report_dir, rel), dpi=DPI)
+        buf = stdio.BytesIO()
+        fig.savefig(buf, format="png", dpi=plots.DPI)
+        io.write_bytes(io.join(report_dir, rel), buf.getvalue())
         paths[key] = rel
     return paths
 
 
 def _write_outputs(run: Run, results: dict, figures: dict, *, report_dir: str) -> dict:
-    paths = {k: os.path.join(report_dir, f) for k, f in
+    paths = {k: io.join(report_dir, f) for k, f in
              (("metrics_json", "metrics.json"), ("report_md", "report.md"), ("report_html", "report.html"))}
-    with open(paths["metrics_json"], "w") as f:
-        json.dump(_jsonable(results), f, indent=2, allow_nan=False)
+    io.write_json(paths["metrics_json"], _jsonable(results), indent=2)
     sections = _sections(run, results)
-    with open(paths["report_md"], "w") as f:
-        f.write(_markdown(run, sections, figures))
-    with open(paths["report_html"], "w") as f:
-        f.write(_html(run, sections, figures, report_dir=report_dir))
+    io.write_text(paths["report_md"], _markdown(run, sections, figures))
+    io.write_text(paths["report_html"], _html(run, sections, figures, report_dir=report_dir))
     return paths
 
 
@@ -746,8 +500,8 @@ def _pm(summary: dict, key: str) -> str:
 
 def _header_lines(run: Run) -> list[str]:
     c = run.configs[0]
-    parents = sorted({os.path.dirname(os.path.normpath(d)) for d in run.fold_dirs})
-    folds = ", ".join(os.path.basename(os.path.normpath(d)) for d in run.fold_dirs)
+    parents = sorted({io.dirname(d) for d in run.fold_dirs})
+    folds = ", ".join(io.basename(d) for d in run.fold_dirs)
     return [f"Run: {run.name} - {len(run.fold_dirs)} folds ({folds}) in {', '.join(parents)}",
             f"Architecture: {c.get('arch')}, image size {c.get('image_size')}, classes {', '.join(run.classes)}",
             f"OOF predictions: {len(run.oof)} images; generated "
@@ -790,8 +544,7 @@ def _html(run: Run, sections: list[tuple], figures: dict, *, report_dir: str) ->
             out.append("</table>")
         for key in figs:
             if key in figures:
-                with open(os.path.join(report_dir, figures[key]), "rb") as f:
-                    data = base64.b64encode(f.read()).decode("ascii")
+                data = base64.b64encode(io.read_bytes(io.join(report_dir, figures[key]))).decode("ascii")
                 out.append(f"<div><img alt='{key}' src='data:image/png;base64,{data}'></div>")
     out.append("</body></html>")
     return "\n".join(out)

@@ -1,13 +1,29 @@
-"""Run directories: find them, read their config, rebuild their model; the one place that knows the layout.
+"""Run directories: the one place that knows their layout, when they are complete, and how to load them.
 
-    runs/<name>/fold{k}/config.json  model.weights.h5  history.csv  oof.csv  metrics.json  train.log
+    runs/<name>/fold<k>/   (or runs/<name>/full/ for --fold=full: all training data, no validation fold)
+        config.json        the TrainConfig (TrainConfig.to_json) + "resolved": facts derived at run time
+        model.weights.h5   the kept weights (best by --monitor after warm-up, or the final/EMA weights)
+        history.csv        one row per epoch
+        oof.csv            the fold's out-of-fold predictions (id, label, fold, p_<class>...); not for full
+        metrics.json       the OOF metrics summary
+        train.log          everything the run logged
+        complete.json      written last: sha256 and size of every file above
+
+A fold directory is visible to predict/evaluate only when complete.json exists, and every file is
+checked against it before use: a corrupted, truncated or swapped file is refused with one line naming
+it and the command that regenerates it, never loaded into a garbage submission. A run (runs/<name>)
+is complete when all of its fold directories are.
 """
 from __future__ import annotations
 
-import json
-import math
-import os
+import logging
 import re
+import time
+
+from histofold import io
+from histofold.errors import DataError, IntegrityError
+
+log = logging.getLogger("histofold")
 
 CONFIG = "config.json"
 WEIGHTS = "model.weights.h5"
@@ -15,147 +31,217 @@ HISTORY = "history.csv"
 OOF = "oof.csv"
 METRICS = "metrics.json"
 LOG = "train.log"
-FOLD_DIR_RE = re.compile(r"^fold(\d+)$")
+COMPLETE = "complete.json"
+FOLD_DIR_RE = re.compile(r"^(fold(\d+)|full)$")
+CHECKED = (CONFIG, WEIGHTS, HISTORY, OOF, METRICS)  # what complete.json records (when present)
 
 
-def _gfile():
-    import tensorflow as tf
+class RunDir:
+    """One fold's run directory (runs/<name>/fold<k> or runs/<name>/full)."""
 
-    return tf.io.gfile
+    def __init__(self, path: str):
+        self.path = io.normpath(str(path))
+
+    @classmethod
+    def of(cls, runs_dir: str, name: str, fold) -> "RunDir":
+        return cls(io.join(runs_dir, name, "full" if fold == "full" else f"fold{int(fold)}"))
+
+    def __repr__(self) -> str:
+        return f"RunDir({self.path!r})"
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, RunDir) and other.path == self.path
+
+    def __hash__(self) -> int:
+        return hash(self.path)
+
+    def file(self, name: str) -> str:
+        return io.join(self.path, name)
+
+    @property
+    def fold_name(self) -> str:
+        return io.basename(self.path)
+
+    @property
+    def fold(self):
+        """The fold index, or "full"."""
+        name = self.fold_name
+        return "full" if name == "full" else int(name[4:])
+
+    @property
+    def run_path(self) -> str:
+        return io.dirname(self.path)
+
+    @property
+    def run_name(self) -> str:
+        return io.basename(self.run_path)
+
+    # ------------------------------------------------------------ state
+
+    def exists(self) -> bool:
+        return io.exists(self.file(CONFIG))
+
+    def is_complete(self) -> bool:
+        return io.exists(self.file(COMPLETE))
+
+    def has(self, name: str) -> bool:
+        return io.exists(self.file(name))
+
+    def start(self, *, overwrite: bool) -> None:
+        """Make the directory; `overwrite` removes an earlier run first. A resumed run keeps its files
+        but loses complete.json until it finishes again."""
+        if overwrite and io.exists(self.path):
+            io.rmtree(self.path)
+        io.makedirs(self.path)
+        if self.is_complete():
+            io.remove(self.file(COMPLETE))
+
+    def mark_complete(self) -> dict:
+        """Record sha256 and size of every run file, last: from now on readers see this directory."""
+        files = {name: {"sha256": io.sha256(self.file(name)), "bytes": io.size(self.file(name))}
+                 for name in CHECKED if self.has(name)}
+        record = {"finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "files": files}
+        io.write_json(self.file(COMPLETE), record)
+        return record
+
+    def retrain_hint(self) -> str:
+        fold = "full" if self.fold == "full" else self.fold
+        return (f"retrain it: python train.py --fold={fold} --name={self.run_name} "
+                f"--runs_dir={io.dirname(self.run_path) or '.'} --overwrite (with the run's other flags)")
+
+    def require_complete(self) -> None:
+        if not self.exists():
+            raise DataError(f"{self.path} is not a run directory (no {CONFIG}); pass a directory written by "
+                            f"train.py, e.g. runs/<name> or runs/<name>/fold0")
+        if not self.is_complete():
+            raise DataError(f"{self.path} did not finish (no {COMPLETE}); rerun train.py with the same flags "
+                            f"to resume it")
+
+    def checked(self, name: str) -> str:
+        """Path of a run file after checking it against complete.json (IntegrityError otherwise)."""
+        self.require_complete()
+        record = io.read_json(self.file(COMPLETE)).get("files", {})
+        path = self.file(name)
+        if name not in record:
+            raise IntegrityError(f"{path} is not recorded in {self.file(COMPLETE)}; {self.retrain_hint()}")
+        if not io.exists(path):
+            raise IntegrityError(f"{path} is missing; {self.retrain_hint()}")
+        want = record[name]
+        if io.size(path) != want["bytes"] or io.sha256(path) != want["sha256"]:
+            raise IntegrityError(f"{path} does not match its sha256 in {COMPLETE}: the file is corrupted or "
+                                 f"was replaced; {self.retrain_hint()}")
+        return path
+
+    # ------------------------------------------------------------ contents
+
+    def write_config(self, config, resolved: dict) -> None:
+        io.write_json(self.file(CONFIG), {**config.to_json(), "resolved": resolved})
+
+    def raw_config(self) -> dict:
+        path = self.checked(CONFIG) if self.is_complete() else self.file(CONFIG)
+        return io.read_json(path)
+
+    def config(self):
+        """The TrainConfig this run was trained with."""
+        from histofold.config import TrainConfig
+
+        return TrainConfig.from_json(self.raw_config())
+
+    def resolved(self) -> dict:
+        """Facts derived at run time: classes, image_size, tfrecords, manifest_sha256, lr_scaled, ..."""
+        return self.raw_config().get("resolved", {})
+
+    def build_model(self, *, weights: bool = True):
+        """The run's model rebuilt from config.json alone (arch, width, size, classes), with its weights."""
+        from histofold.models import build_model
+
+        config, resolved = self.config(), self.resolved()
+        model = build_model(config.arch, num_classes=len(resolved["classes"]),
+                            image_size=tuple(resolved["image_size"]), weights=None, dropout=config.dropout,
+                            **config.arch_kwargs)
+        if weights:
+            path = self.checked(WEIGHTS)
+            try:
+                model.load_weights(path)
+            except (OSError, ValueError) as e:  # passed the checksum but does not fit the model
+                raise IntegrityError(f"{path} does not load into {config.arch} ({str(e).splitlines()[0][:120]}); "
+                                     f"{self.retrain_hint()}") from None
+        return model
+
+    def oof(self, name: str = OOF):
+        """The fold's OOF predictions (oof.csv, checked; or another file such as oof_tta8.csv)."""
+        path = self.checked(name) if name in CHECKED else self.file(name)
+        if not io.exists(path):
+            raise DataError(f"{path} is missing" + ("; run predict.py --oof first" if name != OOF else ""))
+        return io.read_csv(path, dtype={"id": str})
+
+    def history(self):
+        return io.read_csv(self.file(HISTORY)) if self.has(HISTORY) else None
+
+    def metrics(self) -> dict:
+        return io.read_json(self.file(METRICS))
 
 
-def read_json(path: str) -> dict:
-    with _gfile().GFile(path, "r") as f:
-        return json.load(f)
+# ---------------------------------------------------------------- runs (runs/<name>)
 
+def fold_dirs(run: str, *, complete: bool = True) -> list[RunDir]:
+    """A run (runs/<name>) -> its fold directories in fold order (full last); a fold dir -> [it].
 
-def _strict(obj):
-    """NaN/inf -> null so the file is strict JSON (a precision with no positive predictions is NaN)."""
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, dict):
-        return {k: _strict(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_strict(v) for v in obj]
-    return obj
-
-
-def write_json(path: str, obj: dict) -> None:
-    """Write strict JSON via a temp name + rename so a reader never sees half a file."""
-    gfile = _gfile()
-    tmp = path + ".tmp"
-    with gfile.GFile(tmp, "w") as f:
-        json.dump(_strict(obj), f, indent=2, sort_keys=False, default=str)
-    gfile.rename(tmp, path, overwrite=True)
-
-
-def load_config(run_dir: str) -> dict:
-    """config.json of a fold run directory; a clear error when it is not one."""
-    path = os.path.join(run_dir, CONFIG)
-    if not _gfile().exists(path):
-        raise FileNotFoundError(
-            f"{run_dir} is not a run directory (no {CONFIG}); pass a fold directory written by "
-            f"train.py, e.g. runs/resnet50/fold0")
-    return read_json(path)
-
-
-def fold_dirs(run: str) -> list[str]:
-    """A run name dir (runs/<name>) -> its fold dirs with a config.json; a fold dir -> [itself]."""
-    gfile = _gfile()
-    if gfile.exists(os.path.join(run, CONFIG)):
-        return [run]
-    if not gfile.isdir(run):
-        raise FileNotFoundError(f"run directory {run} does not exist; train one with train.py first")
-    found = []
-    for name in sorted(gfile.listdir(run)):
-        name = name.rstrip("/")
-        if FOLD_DIR_RE.match(name) and gfile.exists(os.path.join(run, name, CONFIG)):
-            found.append(os.path.join(run, name))
-    if not found:
-        raise FileNotFoundError(f"{run} holds no fold{{k}}/config.json; train with train.py --fold=all first")
-    return sorted(found, key=lambda d: int(FOLD_DIR_RE.match(os.path.basename(d)).group(1)))
-
-
-def latest_run(runs_dir: str = "runs") -> str:
-    """The run (runs/<name>) whose newest fold config.json is the most recent."""
-    gfile = _gfile()
-    if not gfile.isdir(runs_dir):
-        raise FileNotFoundError(f"no {runs_dir}/ directory: train a model with train.py first, or pass --runs=")
-    best, best_t = None, -1.0
-    for name in gfile.listdir(runs_dir):
-        run = os.path.join(runs_dir, name.rstrip("/"))
-        try:
-            dirs = fold_dirs(run)
-        except FileNotFoundError:
-            continue
-        t = max(gfile.stat(os.path.join(d, CONFIG)).mtime_nsec for d in dirs)
-        if t > best_t:
-            best, best_t = run, t
-    if best is None:
-        raise FileNotFoundError(f"no trained runs under {runs_dir}/: train a model with train.py first")
-    return best
-
-
-def complete_fold_dirs(run: str) -> list[str]:
-    """Fold dirs of a run that finished (have weights and oof.csv); errors name what is missing."""
-    dirs = fold_dirs(run)
-    for d in dirs:
-        for f in (WEIGHTS, OOF):
-            if not _gfile().exists(os.path.join(d, f)):
-                raise FileNotFoundError(
-                    f"{d} has no {f}: that fold did not finish; rerun train.py with the same flags to resume it")
+    complete=True (what predict/evaluate use): every fold must have finished, else DataError naming
+    the unfinished one."""
+    run = io.normpath(str(run))
+    if FOLD_DIR_RE.match(io.basename(run)) and io.exists(io.join(run, CONFIG)):
+        dirs = [RunDir(run)]
+    else:
+        if not io.isdir(run):
+            raise DataError(f"run directory {run} does not exist; train one with train.py first")
+        names = [n for n in io.listdir(run) if FOLD_DIR_RE.match(n) and io.exists(io.join(run, n, CONFIG))]
+        if not names:
+            raise DataError(f"{run} holds no fold<k>/{CONFIG}; train with train.py --fold=all first")
+        names.sort(key=lambda n: (n == "full", int(n[4:]) if n != "full" else 0))
+        dirs = [RunDir(io.join(run, n)) for n in names]
+    if complete:
+        for d in dirs:
+            d.require_complete()
     return dirs
 
 
-def build_from_config(config: dict, *, weights_path: str | None = None):
-    """Rebuild the fold's model from config.json alone and load its best weights."""
-    from histofold.models import build_model
-
-    model = build_model(config["arch"], num_classes=config["num_classes"],
-                        image_size=tuple(config["image_size"]), weights=None,
-                        dropout=config.get("dropout"), **config.get("arch_kwargs", {}))
-    if weights_path:
-        model.load_weights(weights_path)
-    return model
+def is_complete_run(run: str) -> bool:
+    try:
+        fold_dirs(run, complete=True)
+        return True
+    except DataError:
+        return False
 
 
-def load_run_model(run_dir: str):
-    """(model, config) of a finished fold run directory."""
-    config = load_config(run_dir)
-    path = os.path.join(run_dir, WEIGHTS)
-    if not _gfile().exists(path):
-        raise FileNotFoundError(f"{path} is missing: the run did not finish; rerun train.py to resume it")
-    return build_from_config(config, weights_path=path), config
+def latest_run(runs_dir: str = "runs") -> str:
+    """The complete run (runs/<name>) finished most recently; unfinished runs are skipped (and said so)."""
+    if not io.isdir(runs_dir):
+        raise DataError(f"no {runs_dir}/ directory: train a model with train.py first, or pass --runs=")
+    best, best_t, skipped = None, -1, []
+    for name in io.listdir(runs_dir):
+        run = io.join(runs_dir, name)
+        if not io.isdir(run):
+            continue
+        try:
+            dirs = fold_dirs(run, complete=True)
+        except DataError:
+            skipped.append(name)
+            continue
+        t = max(io.mtime_ns(d.file(COMPLETE)) for d in dirs)
+        if t > best_t:
+            best, best_t = run, t
+    if skipped:
+        log.info("latest run: skipping unfinished runs %s", ", ".join(skipped))
+    if best is None:
+        raise DataError(f"no finished runs under {runs_dir}/"
+                        + (f" ({', '.join(skipped)} did not finish: rerun train.py to resume)" if skipped else
+                           ": train a model with train.py first"))
+    return best
 
 
-def image_loader(tfrecords: str | None = None):
-    """A `load_images(ids, *, run_dir) -> (N, H, W, 3) uint8` for reports (Grad-CAM gallery).
-
-    Scans the labeled shards of the run's tfrecords (or `tfrecords`) in order and stops as soon as
-    every requested id is found; raises naming the ids that are not there.
-    """
-
-    def load_images(ids, *, run_dir):
-        import numpy as np
-        from histofold import data
-
-        config = load_config(run_dir)
-        wanted = {str(i) for i in ids}
-        found = {}
-        ds = data.make_dataset(tfrecords or config["tfrecords"], split="train", training=False,
-                               batch_size=256, with_ids=True, label_mode="int",
-                               num_classes=config["num_classes"])
-        for x, _, batch_ids in ds.as_numpy_iterator():
-            for img, i in zip(x, batch_ids):
-                i = i.decode() if isinstance(i, bytes) else str(i)
-                if i in wanted:
-                    found[i] = img.astype(np.uint8)
-            if len(found) == len(wanted):
-                break
-        missing = wanted - set(found)
-        if missing:
-            raise KeyError(f"{len(missing)} ids not in the tfrecords of {run_dir} (e.g. {sorted(missing)[:3]}); "
-                           f"pass --tfrecords= where they were prepared")
-        return np.stack([found[str(i)] for i in ids])
-
-    return load_images
+def run_name(path: str) -> str:
+    """runs/<name>/fold3 -> <name>; runs/<name>/ -> <name>."""
+    path = io.normpath(str(path))
+    base = io.basename(path)
+    return io.basename(io.dirname(path)) if FOLD_DIR_RE.match(base) else base

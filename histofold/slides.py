@@ -50,6 +50,8 @@ import numpy as np
 from histofold import imageops, io
 from histofold.annotations import label_tiles, label_tiles_from_mask, load_annotations, load_mask  # noqa: F401
 
+from histofold.errors import DataError
+
 log = logging.getLogger("histofold")
 
 SLIDE_EXTENSIONS = (".svs", ".ndpi", ".mrxs", ".tif", ".tiff", ".scn", ".bif", ".vms", ".svslide")
@@ -60,7 +62,7 @@ THUMBNAIL_BAND = 2048              # level rows read per band while building a t
 WHITE = 255
 
 
-class SlideError(Exception):
+class SlideError(DataError):
     """A slide that cannot be used; str() is one line naming the slide, what is wrong and the fix."""
 
 

@@ -4,9 +4,9 @@ CONTRACT (other modules rely on it; keep it):
 
     SOURCES: dict[str, Source]          registry; unknown names list the valid ones (get_source)
     Source.list(input, **options) -> Listing
-    load_ref(ref) -> np.ndarray         (H, W, 3) uint8 RGB; raises ImageError(reason) when unreadable
+    histofold.imageio.load_ref(ref) -> (H, W, 3) uint8 RGB; raises errors.ImageError(reason) when unreadable
 
-An `Item.ref` is a small picklable tuple that `load_ref` understands, so worker processes can load
+An `Item.ref` is a small picklable tuple that `imageio.load_ref` understands, so worker processes can load
 pixels without the adapter object:
     ("file", path)                      any Pillow-readable file (TIFF, PNG, JPEG, BMP, ...)
     ("h5", path, key, index)            one patch of an HDF5 array (PCam)
@@ -32,7 +32,10 @@ from csv import DictReader
 from dataclasses import dataclass, field
 from typing import Callable
 
+from histofold.errors import DataError, UsageError
+
 IMAGE_EXTENSIONS = (".tif", ".tiff", ".png", ".jpg", ".jpeg", ".bmp")
+PCAM_MPP = 0.972  # um/px of PatchCamelyon / Kaggle HCD patches (Camelyon16 level 2: 0.243 x 4)
 
 
 @dataclass(frozen=True)
@@ -55,17 +58,6 @@ class Listing:
     meta: dict = field(default_factory=dict)  # anything worth recording in the manifest
 
 
-class ImageError(Exception):
-    """An image that cannot be read (unreadable, truncated, zero-byte, wrong shape); str() is the reason."""
-
-
-def load_ref(ref: tuple, *, size=None):
-    """(H, W, 3) uint8 RGB pixels of an `Item.ref`; see histofold.imageio.load_ref."""
-    from histofold.imageio import load_ref as _load_ref  # lazy: imageio imports ImageError from here
-
-    return _load_ref(ref, size=size)
-
-
 @dataclass(frozen=True)
 class Source:
     name: str
@@ -78,7 +70,7 @@ class Source:
         unknown = sorted(set(options) - set(self.options))
         if unknown:
             valid = ", ".join(self.options) or "none"
-            raise ValueError(f"source {self.name!r} has no option {', '.join(unknown)}; valid options: {valid}")
+            raise UsageError(f"source {self.name!r} has no option {', '.join(unknown)}; valid options: {valid}")
         return self.lister(os.fspath(input) if input is not None else "", **{**self.options, **options})
 
 
@@ -137,7 +129,7 @@ def _inside(root: str, rel: str, *, where: str) -> str:
     root = os.path.abspath(root)
     full = os.path.normpath(os.path.join(root, rel))
     if full != root and not full.startswith(root.rstrip(os.sep) + os.sep):
-        raise ValueError(f"{where}: path {rel!r} escapes the dataset root {root}; "
+        raise DataError(f"{where}: path {rel!r} escapes the dataset root {root}; "
                          "label files may only name files inside it (fix or remove the entry)")
     return full
 
@@ -156,13 +148,13 @@ def _int_label(value, num_classes: int) -> int | None:
 def _read_csv(path: str, *, required: tuple[str, ...], hint: str = "") -> list[dict]:
     """Rows of a CSV as dicts; ValueError naming the file when it is absent or lacks a column."""
     if not os.path.isfile(path):
-        raise ValueError(f"{path} not found; pass the dataset directory that holds it")
+        raise DataError(f"{path} not found; pass the dataset directory that holds it")
     with open(path, newline="", encoding="utf-8-sig") as f:
         reader = DictReader(f)
         columns = reader.fieldnames or []
         missing = [c for c in required if c not in columns]
         if missing:
-            raise ValueError(f"{path} has no column {', '.join(missing)} (columns: {', '.join(columns)})"
+            raise DataError(f"{path} has no column {', '.join(missing)} (columns: {', '.join(columns)})"
                              + (f"; {hint}" if hint else ""))
         return list(reader)
 
@@ -191,7 +183,7 @@ def _group_map(path: str | None, base: str) -> dict[str, str]:
     rows = _read_csv(path, required=("id",))
     column = next((c for c in ("wsi", "slide", "group") if rows and c in rows[0]), None)
     if rows and column is None:
-        raise ValueError(f"groups file {path} needs a wsi, slide or group column next to id")
+        raise DataError(f"groups file {path} needs a wsi, slide or group column next to id")
     return {r["id"]: r[column] for r in rows}
 
 
@@ -213,7 +205,7 @@ def list_hcd(input: str, *, groups=None) -> Listing:
     has_submission = os.path.isfile(submission)
     _list_hcd_test(out, test_dir, submission if has_submission else None)
     return out.listing(["0", "1"], sample_submission=submission if has_submission else None,
-                       meta={"test_labeled": False, "groups": bool(group_of)})
+                       meta={"test_labeled": False, "groups": bool(group_of), "mpp": PCAM_MPP})
 
 
 def _dir_sizes(directory: str, ext: str = ".tif") -> dict[str, int]:
@@ -255,7 +247,7 @@ def _pcam_groups(input: str, split: str, count: int) -> list[str]:
         return [""] * count
     rows = _read_csv(path, required=("wsi",))
     if len(rows) != count:
-        raise ValueError(f"{path} has {len(rows)} rows but the {split} split has {count} patches")
+        raise DataError(f"{path} has {len(rows)} rows but the {split} split has {count} patches")
     return [r["wsi"] for r in rows]
 
 
@@ -270,23 +262,23 @@ def _pcam_labels(x_path: str, y_path: str | None, split: str) -> list[int | None
         return [-1] * count
     y = np.asarray(h5_dataset(y_path, "y")[...]).reshape(-1)
     if len(y) != count:
-        raise ValueError(f"{y_path} holds {len(y)} labels but {x_path} holds {count} patches")
+        raise DataError(f"{y_path} holds {len(y)} labels but {x_path} holds {count} patches")
     return [_int_label(v, 2) for v in y.tolist()]
 
 
 def list_pcam(input: str, *, test_split="test") -> Listing:
     """PatchCamelyon h5 files; `test_split` becomes labeled test items, the other splits train items."""
     if test_split not in (*PCAM_SPLITS, None, "", "none"):
-        raise ValueError(f"test_split={test_split!r}; choose one of {', '.join(PCAM_SPLITS)} or none")
+        raise UsageError(f"--test_split={test_split!r}; choose one of {', '.join(PCAM_SPLITS)} or none")
     present = [s for s in PCAM_SPLITS if _pcam_file(input, s, "x")]
     if not present:
-        raise ValueError(f"no camelyonpatch_level_2_split_{{train,valid,test}}_x.h5[.gz] in {input}")
+        raise DataError(f"no camelyonpatch_level_2_split_{{train,valid,test}}_x.h5[.gz] in {input}")
     out, test_labeled = _Collector(), None
     for split in present:
         x_path, y_path = _pcam_file(input, split, "x"), _pcam_file(input, split, "y")
         role = "test" if split == test_split else "train"
         if y_path is None and role == "train":
-            raise ValueError(f"{x_path} has no labels file camelyonpatch_level_2_split_{split}_y.h5[.gz] "
+            raise DataError(f"{x_path} has no labels file camelyonpatch_level_2_split_{split}_y.h5[.gz] "
                              f"next to it; add it or make this split the test split (test_split={split})")
         labels = _pcam_labels(x_path, y_path, split)
         for index, (label, group) in enumerate(zip(labels, _pcam_groups(input, split, len(labels)))):
@@ -297,7 +289,7 @@ def list_pcam(input: str, *, test_split="test") -> Listing:
             out.add(Item(id, label, group, ("h5", x_path, "x", index), role, f"{x_path}[{index}]"))
         if role == "test":
             test_labeled = y_path is not None
-    return out.listing(["0", "1"], meta={"splits": present, "test_labeled": bool(test_labeled),
+    return out.listing(["0", "1"], meta={"splits": present, "test_labeled": bool(test_labeled), "mpp": PCAM_MPP,
                                          "test_split": test_split if test_split in present else None})
 
 
@@ -341,7 +333,7 @@ def _group_of(rel: str, pattern: re.Pattern | None, *, root: str, required: bool
     m = pattern.search(rel)
     if m is None:
         if required:
-            raise ValueError(f"group_regex {pattern.pattern!r} does not match {os.path.join(root, rel)}; "
+            raise DataError(f"group_regex {pattern.pattern!r} does not match {os.path.join(root, rel)}; "
                              "fix the regex so every training file has a group")
         return ""
     return m.group(1) if m.groups() else m.group(0)
@@ -350,7 +342,7 @@ def _group_of(rel: str, pattern: re.Pattern | None, *, root: str, required: bool
 def _scan_tree(root: str, *, depth: int, include, exclude=None) -> tuple[list, dict]:
     """[(rel, abs, size, class or None)] of a tree's images and counts of what was skipped."""
     if not os.path.isdir(root):
-        raise ValueError(f"{root} is not a directory; pass the folder that holds the class folders")
+        raise DataError(f"{root} is not a directory; pass the folder that holds the class folders")
     counts: dict = {}
     files = []
     for rel, path, size in _walk(root, exclude=exclude, counts=counts):
@@ -368,7 +360,7 @@ def _pick_classes(found: set[str], wanted) -> list[str]:
         return sorted(found)
     unknown = [c for c in wanted if c not in found]
     if unknown:
-        raise ValueError(f"classes={','.join(unknown)} not found; the tree has: {', '.join(sorted(found))}")
+        raise UsageError(f"--classes={','.join(unknown)} not found; the tree has: {', '.join(sorted(found))}")
     return wanted
 
 
@@ -388,13 +380,13 @@ def list_folder(input: str, *, classes=None, class_depth=1, group_regex=None, in
     """
     depth = int(class_depth)
     if depth < 1:
-        raise ValueError(f"class_depth={class_depth}; use 1 for the parent folder, 2 for the grandparent, ...")
+        raise UsageError(f"--class_depth={class_depth}; use 1 for the parent folder, 2 for the grandparent, ...")
     group_re = re.compile(group_regex) if group_regex else None
     include_re = re.compile(include) if include else None
     test_root = os.path.abspath(_resolve(test_input, input)) if test_input else None
     files, skipped = _scan_tree(input, depth=depth, include=include_re, exclude=test_root)
     if not files:
-        raise ValueError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {input} (skipped: {skipped})")
+        raise DataError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {input} (skipped: {skipped})")
     names = _pick_classes({c for *_, c in files if c is not None}, classes)
     index = {c: i for i, c in enumerate(names)}
     out = _Collector()
@@ -446,12 +438,12 @@ def _chaoyang_entries(path: str) -> list[dict]:
         with open(path, encoding="utf-8") as f:
             entries = json.load(f)
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON: {e}") from None
+        raise DataError(f"{path} is not valid JSON: {e}") from None
     if not isinstance(entries, list):
-        raise ValueError(f"{path} must hold a JSON list of {{\"name\": ..., \"label\": ...}} entries")
+        raise DataError(f"{path} must hold a JSON list of {{\"name\": ..., \"label\": ...}} entries")
     for i, e in enumerate(entries):
         if not isinstance(e, dict) or not isinstance(e.get("name"), str):
-            raise ValueError(f"{path} entry {i} ({e!r}) has no string \"name\"")
+            raise DataError(f"{path} entry {i} ({e!r}) has no string \"name\"")
     return entries
 
 
@@ -466,7 +458,7 @@ def list_chaoyang(input: str) -> Listing:
     """Chaoyang: train.json / test.json lists of {"name": "train/x.JPG", "label": 0..3} under the root."""
     train_json = os.path.join(input, "train.json")
     if not os.path.isfile(train_json):
-        raise ValueError(f"{train_json} not found; pass the Chaoyang root that holds train.json and test.json")
+        raise DataError(f"{train_json} not found; pass the Chaoyang root that holds train.json and test.json")
     out = _Collector()
     for split, json_path in (("train", train_json), ("test", os.path.join(input, "test.json"))):
         if split == "test" and not os.path.isfile(json_path):
@@ -547,7 +539,7 @@ def list_synthetic(input: str, *, count=2000, image_size=96, num_classes=2, test
 
     count, size, k, test_count, seed = int(count), int(image_size), int(num_classes), int(test_count), int(seed)
     if k < 2 or count < 0 or test_count < 0:
-        raise ValueError(f"synthetic needs num_classes >= 2 and counts >= 0 (got {k}, {count}, {test_count})")
+        raise UsageError(f"synthetic needs num_classes >= 2 and counts >= 0 (got {k}, {count}, {test_count})")
     rng = np.random.default_rng(seed)
     labels = rng.permutation(np.arange(count + test_count) % k)  # balanced, shuffled
     out = _Collector()
@@ -558,6 +550,37 @@ def list_synthetic(input: str, *, count=2000, image_size=96, num_classes=2, test
         out.add(Item(id, label, "", ref, split, f"synthetic:{seed}:{index}"))
     classes = ["normal", "tumor"] if k == 2 else [f"c{i}" for i in range(k)]
     return out.listing(classes, meta={"test_labeled": True, "seed": seed, "image_size": size})
+
+
+# ---------------------------------------------------------------- slides (annotated whole-slide images)
+
+def list_slides(input: str, *, patch_px=96, patch_mpp=PCAM_MPP, slide_mpp=None, classes=None, background=None,
+                label_fraction=None, min_tissue=0.5, stride=None) -> Listing:
+    """Annotated whole-slide images -> labelled tiles (histofold.slides.list_slide_tiles): tiles cut at
+    `patch_mpp` um/px as `patch_px` squares (prepare's --mpp and --resize), labelled by the annotation
+    covering the tile centre (or `label_fraction` of it), glass skipped by the tissue detector; the
+    group is the slide, so folds never split one. Refs ("slide", path, x, y, level, read_px, patch_px)."""
+    from histofold import slides
+
+    names = _as_list(classes)
+    try:
+        tiles = slides.list_slide_tiles(input, patch_px=int(patch_px), patch_mpp=float(patch_mpp), classes=names,
+                                        background=background, label_fraction=label_fraction,
+                                        min_tissue=float(min_tissue), stride=stride, mpp=slide_mpp)
+    except (ValueError, FileNotFoundError) as e:
+        raise DataError(str(e)) from None
+    names = names or sorted({t["label_name"] for t in tiles})
+    index = {c: i for i, c in enumerate(names)}
+    out = _Collector()
+    for t in tiles:
+        ref = ("slide", t["path"], t["x"], t["y"], t["level"], t["read_px"], t["patch_px"])
+        where = f"{t['path']}@{t['x']},{t['y']}"
+        if t["label_name"] not in index:
+            out.reject(t["id"], where, f"label {t['label_name']!r} is not one of --classes")
+            continue
+        out.add(Item(t["id"], index[t["label_name"]], t["slide"], ref, "train", where))
+    return out.listing(names, meta={"mpp": float(patch_mpp), "slides": sorted({t["slide"] for t in tiles}),
+                                    "test_labeled": False, "record_fields": ["loc_x", "loc_y"]})
 
 
 # ---------------------------------------------------------------- registry
@@ -575,6 +598,9 @@ SOURCES: dict[str, Source] = {
         Source("csv", "a CSV of image paths and labels (labels.csv in the input dir by default)", list_csv,
                {"csv": None, "path_col": "path", "label_col": "label", "group_col": None, "id_col": None,
                 "root": None, "test_csv": None, "classes": None}),
+        Source("slides", "annotated whole-slide images (QuPath GeoJSON, ASAP XML or <stem>_mask.png beside each)",
+               list_slides, {"patch_px": 96, "patch_mpp": PCAM_MPP, "slide_mpp": None, "classes": None,
+                             "background": None, "label_fraction": None, "min_tissue": 0.5, "stride": None}),
         Source("synthetic", "generated H&E-like patches for demos and tests (no files)", list_synthetic,
                {"count": 2000, "image_size": 96, "num_classes": 2, "test_count": 500, "seed": 0}),
     )
@@ -584,5 +610,5 @@ SOURCES: dict[str, Source] = {
 def get_source(name: str) -> Source:
     """The registered adapter; unknown names raise ValueError listing the valid ones."""
     if name not in SOURCES:
-        raise ValueError(f"unknown source {name!r}; valid sources: {', '.join(SOURCES)}")
+        raise UsageError(f"--source={name!r}: choose one of {', '.join(SOURCES)}")
     return SOURCES[name]

@@ -4,6 +4,8 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from histofold.errors import DataError, UsageError
+
 OUTPUTS = ("label", "probs")
 
 
@@ -17,11 +19,11 @@ def make_submission(preds: pd.DataFrame, *, class_names: list[str], sample_submi
     order when it names the classes). The sample's column names are kept.
     """
     if output not in OUTPUTS:
-        raise ValueError(f"--output={output!r} is not one of {OUTPUTS}")
+        raise UsageError(f"--format={output!r}: choose one of {', '.join(OUTPUTS)}")
     cols = [f"p_{c}" for c in class_names]
     missing_cols = [c for c in ["id"] + cols if c not in preds.columns]
     if missing_cols:
-        raise ValueError(f"predictions lack columns {missing_cols}: they must come from runs on classes {class_names}")
+        raise DataError(f"predictions lack columns {missing_cols}: they must come from runs on classes {class_names}")
     sample = _read_sample(sample_submission) if sample_submission else None
     id_col = _id_column(sample) if sample is not None else "id"
     order = (sample[id_col].tolist() if sample is not None
@@ -65,7 +67,7 @@ def validate_submission(sub: pd.DataFrame, *, expected_ids, num_classes: int, ou
         problems.append(f"{n_nan} NaN values (e.g. ids {_few(ids[values.isna().any(axis=1)])})")
     problems += _check_value_columns(values, num_classes=num_classes, output=output)
     if problems:
-        raise ValueError(f"invalid submission ({len(sub)} rows, {len(expected)} expected): " + "; ".join(problems)
+        raise DataError(f"invalid submission ({len(sub)} rows, {len(expected)} expected): " + "; ".join(problems)
                          + ". Predict the test records listed in tfrecords/test_ids.csv with the same runs.")
 
 
@@ -87,21 +89,23 @@ def _check_value_columns(values: pd.DataFrame, *, num_classes: int, output: str)
 def _aligned(preds: pd.DataFrame, order: list[str], cols: list[str]) -> np.ndarray:
     by_id = preds.assign(id=preds["id"].astype(str))
     if by_id["id"].duplicated().any():
-        raise ValueError(f"predictions repeat ids (e.g. {_few(by_id.loc[by_id['id'].duplicated(), 'id'])}); "
+        raise DataError(f"predictions repeat ids (e.g. {_few(by_id.loc[by_id['id'].duplicated(), 'id'])}); "
                          f"ensemble fold predictions before making a submission")
     missing = [i for i in order if i not in set(by_id["id"])]
     if missing:
-        raise ValueError(f"{len(missing)} of {len(order)} submission ids have no prediction (e.g. {_few(missing)}): "
+        raise DataError(f"{len(missing)} of {len(order)} submission ids have no prediction (e.g. {_few(missing)}): "
                          f"predict the same test records the sample submission lists")
     return by_id.set_index("id").loc[order, cols].to_numpy(np.float64)
 
 
 def _read_sample(path: str) -> pd.DataFrame:
-    header = pd.read_csv(path, nrows=0).columns
+    from histofold import io
+
+    header = io.read_csv(path, nrows=0).columns
     if len(header) < 2:
-        raise ValueError(f"{path}: a sample submission needs an id column and at least one value column")
+        raise DataError(f"{path}: a sample submission needs an id column and at least one value column")
     id_col = "id" if "id" in header else header[0]
-    return pd.read_csv(path, dtype={id_col: str})
+    return io.read_csv(path, dtype={id_col: str})
 
 
 def _id_column(sample: pd.DataFrame) -> str:
