@@ -32,18 +32,12 @@ def fake_label(j: int, num_classes: int) -> int:
     return min(j % (num_classes + 1), num_classes - 1)
 
 
-def _write_shard(path: str, rows: list[dict], encoding: str) -> str:
-    """Write one shard; returns its sha256."""
-    import tensorflow as tf
-
-    with tf.io.TFRecordWriter(path) as w:
-        for r in rows:
-            h, wd = r["image"].shape[:2]
-            w.write(records.serialize(image=records.encode_image(r["image"], encoding), encoding=encoding,
-                                      height=h, width=wd, label=r["label"], id=r["id"], fold=r["fold"],
-                                      group=r["group"]))
-    with open(path, "rb") as f:
-        return hashlib.sha256(f.read()).hexdigest()
+def _write_shard(path: str, rows: list[dict], encoding: str) -> dict:
+    """Write one shard with the real writer; returns its {count, bytes, sha256}."""
+    return records.write_shard(path, (
+        records.serialize(image=records.encode_image(r["image"], encoding), encoding=encoding,
+                          height=r["image"].shape[0], width=r["image"].shape[1], label=r["label"], id=r["id"],
+                          fold=r["fold"], group=r["group"]) for r in rows))
 
 
 def _make_rows(rng, *, n: int, fold: int, size: int, num_classes: int) -> list[dict]:
@@ -95,7 +89,7 @@ def write_fake_tfrecords(out_dir, *, n_per_fold: int = 8, folds: int = 3, n_test
 
     n_train = folds * n_per_fold
     manifest = {
-        "version": 1,
+        "version": 2,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "source": "fake", "input": os.path.abspath(out_dir),
         "args": {"n_per_fold": n_per_fold, "folds": folds, "n_test": n_test, "size": size,
@@ -119,8 +113,9 @@ def write_fake_tfrecords(out_dir, *, n_per_fold: int = 8, folds: int = 3, n_test
 def _shard(out_dir: str, prefix: str, index: int, rows: list[dict], *, encoding: str, split: str,
            fold: int) -> dict:
     name = records.shard_name(prefix, index, len(rows))
-    sha = _write_shard(os.path.join(out_dir, name), rows, encoding)
-    return {"file": name, "split": split, "fold": fold, "count": len(rows), "sha256": sha}
+    facts = _write_shard(os.path.join(out_dir, name), rows, encoding)
+    return {"file": name, "split": split, "fold": fold, "count": len(rows), "bytes": facts["bytes"],
+            "sha256": facts["sha256"]}
 
 
 def _write_folds_csv(out_dir: str, rows: list[dict]) -> str:

@@ -54,11 +54,13 @@ class SlideTruth:
         return out
 
 
-def pcam_patches(label: int, n: int, *, min_dark: float = 0.7) -> list[tuple[str, np.ndarray]]:
-    """The first n tissue-rich PCam validation patches of one class, in file-name order."""
+def pcam_patches(label: int, n: int, *, min_dark: float = 0.7, skip: int = 0) -> list[tuple[str, np.ndarray]]:
+    """The first n tissue-rich PCam validation patches of one class, in file-name order (after `skip`)."""
     from PIL import Image
 
     folder = PCAM_VALID / str(label)
+    if n <= 0:
+        return []
     if not folder.is_dir():
         pytest.skip(f"real fixture {folder} not present")
     out = []
@@ -67,9 +69,9 @@ def pcam_patches(label: int, n: int, *, min_dark: float = 0.7) -> list[tuple[str
             a = np.asarray(im.convert("RGB"))
         if a.shape == (CELL, CELL, 3) and (a.min(axis=-1) < 200).mean() >= min_dark:
             out.append((str(f), a))
-            if len(out) == n:
-                return out
-    pytest.skip(f"only {len(out)} tissue-rich patches of class {label} in {folder}, need {n}")
+            if len(out) == n + skip:
+                return out[skip:]
+    pytest.skip(f"only {len(out) - skip} tissue-rich patches of class {label} in {folder}, need {n}")
 
 
 def glass(shape, rng) -> np.ndarray:
@@ -83,7 +85,7 @@ def downsample2(a: np.ndarray) -> np.ndarray:
 
 def build_slide(path, *, rows: int = 6, cols: int = 8, glass_cells=DEFAULT_GLASS, tumour=DEFAULT_TUMOUR,
                 levels: int = 3, layout: str = "ifd", mpp: float | None = MPP, margin: int = 0,
-                tile: int = 128, seed: int = 0, repeat: int = 1) -> SlideTruth:
+                tile: int = 128, seed: int = 0, repeat: int = 1, skip: int = 0) -> SlideTruth:
     """Write a pyramidal TIFF of rows x cols PCam cells (+ `margin` px of glass right and bottom).
 
     repeat: each patch pixel becomes repeat x repeat pixels (a higher-resolution scan of the same
@@ -96,8 +98,8 @@ def build_slide(path, *, rows: int = 6, cols: int = 8, glass_cells=DEFAULT_GLASS
     is_tumour[r0:r1, c0:c1] = True
     patch_cells = [(r, c) for r in range(rows) for c in range(cols) if (r, c) not in glass_set]
     need1 = sum(is_tumour[r, c] for r, c in patch_cells)
-    ones = iter(pcam_patches(1, need1))
-    zeros = iter(pcam_patches(0, len(patch_cells) - need1))
+    ones = iter(pcam_patches(1, need1, skip=skip))
+    zeros = iter(pcam_patches(0, len(patch_cells) - need1, skip=skip))
     cell = CELL * repeat
     height, width = rows * cell + margin, cols * cell + margin
     image = glass((height, width, 3), rng)

@@ -1,12 +1,16 @@
-"""data.py: shard selection, counts, the eval round trip, the training chain and its errors."""
+"""data.py: the eval round trip, the training chain (augment, mixup, class weights), the shard check
+before reading, model_inputs / stream_dataset and the argument errors. Shard selection and counts are
+the Manifest's (tests/test_manifest.py)."""
 import os
 
 import numpy as np
 import pandas as pd
 import pytest
 
-from histofold import data, records
-from tests.helpers_records import fake_images, fake_label, write_fake_tfrecords
+from histofold import data, imageops, records
+from histofold.errors import DataError, IntegrityError, UsageError
+from histofold.manifest import Manifest
+from helpers_records import fake_images, fake_label, write_fake_tfrecords
 
 N_PER_FOLD, FOLDS, N_TEST, SIZE = 7, 3, 5, 16   # 7 per fold: batch 4 leaves a remainder of 3
 
@@ -41,26 +45,19 @@ def test_helper_writes_the_designed_layout(tfrec):
     assert pd.read_csv(os.path.join(tfrec_dir, "test_ids.csv")).columns.tolist() == ["id", "label"]
 
 
-def test_load_manifest_matches_the_written_one(tfrec):
+def test_manifest_load_matches_the_written_one(tfrec):
     tfrec_dir, manifest = tfrec
-    assert data.load_manifest(tfrec_dir) == manifest
+    m = Manifest.load(tfrec_dir)
+    assert m.data == manifest
+    assert m.image_size == (SIZE, SIZE) and m.num_classes == 2 and m.encoding == "png"
 
 
-def test_count_records_equals_manifest_counts(tfrec):
-    tfrec_dir, manifest = tfrec
-    assert data.count_records(tfrec_dir) == manifest["counts"]["train"]
-    assert data.count_records(tfrec_dir, split="test") == manifest["counts"]["test"]
-    for k in range(FOLDS):
-        assert data.count_records(tfrec_dir, folds=[k]) == manifest["counts"]["per_fold"][str(k)]
-
-
-def test_shard_files_selects_by_name_in_order(tfrec):
+def test_make_dataset_accepts_a_manifest_or_its_directory(tfrec):
     tfrec_dir, _ = tfrec
-    files = data.shard_files(tfrec_dir, folds=[2, 0])
-    parsed = [records.parse_shard_name(f) for f in files]
-    assert [(p["fold"], p["index"]) for p in parsed] == [(0, 0), (0, 1), (2, 0), (2, 1)]
-    assert all(f.startswith(tfrec_dir) for f in files)
-    assert [records.parse_shard_name(f)["prefix"] for f in data.shard_files(tfrec_dir, split="test")] == ["test"] * 2
+    by_dir = _collect(data.make_dataset(tfrec_dir, folds=[1], batch_size=4, with_ids=True))
+    by_manifest = _collect(data.make_dataset(Manifest.load(tfrec_dir), folds=[1], batch_size=4, with_ids=True))
+    for a, b in zip(by_dir, by_manifest):
+        np.testing.assert_array_equal(a, b)
 
 
 @pytest.mark.parametrize("encoding", ["raw", "png"])
@@ -160,35 +157,55 @@ def test_resize_and_categorical_for_multiclass(tmp_path):
         data.make_dataset(tfrec_dir, num_classes=3)
 
 
-def test_balanced_class_weights_and_steps():
+def test_balanced_class_weights():
     assert data.balanced_class_weights([30, 10]) == [40 / 60, 40 / 20]
     assert data.balanced_class_weights([5, 0, 5]) == [10 / 15, 0.0, 10 / 15]
-    assert data.steps_per_epoch(130, 64) == 2 and data.steps_per_epoch(10, 64) == 1
+    with pytest.raises(UsageError, match="all zero"):
+        data.balanced_class_weights([0, 0])
+
+
+def test_eval_cardinality_is_known_and_right(tfrec):
+    tfrec_dir, _ = tfrec
+    ds = data.make_dataset(tfrec_dir, batch_size=4)                   # 21 records: 6 batches, last of 1
+    assert int(ds.cardinality()) == 6 == len(list(ds))
+    dropped = data.make_dataset(tfrec_dir, batch_size=4, drop_remainder=True)
+    assert int(dropped.cardinality()) == 5 == len(list(dropped))
 
 
 def test_missing_dir_says_to_run_prepare(tmp_path):
     missing = str(tmp_path / "nope")
-    with pytest.raises(FileNotFoundError, match="prepare_tfrecords.py.*nope"):
-        data.load_manifest(missing)
-    with pytest.raises(FileNotFoundError, match="prepare_tfrecords.py"):
+    with pytest.raises(DataError, match="nope.*prepare_tfrecords.py"):
         data.make_dataset(missing)
-    with pytest.raises(FileNotFoundError, match="prepare_tfrecords.py"):
-        data.shard_files(missing)
 
 
 def test_absent_folds_list_the_available_ones(tfrec):
     tfrec_dir, _ = tfrec
-    with pytest.raises(ValueError, match=r"\[3, 7\].*available folds: \[0, 1, 2\]"):
-        data.count_records(tfrec_dir, folds=[0, 3, 7])
-    with pytest.raises(ValueError, match="split"):
-        data.shard_files(tfrec_dir, split="valid")
+    with pytest.raises(DataError, match=r"\[3, 7\].*available folds: \[0, 1, 2\]"):
+        data.make_dataset(tfrec_dir, folds=[0, 3, 7])
 
 
-def test_no_test_set_counts_zero_and_cannot_be_read(tmp_path):
+def test_no_test_set_cannot_be_read(tmp_path):
     tfrec_dir, _ = _write(tmp_path, "raw", n_test=0, folds=2, n_per_fold=3)
-    assert data.shard_files(tfrec_dir, split="test") == [] and data.count_records(tfrec_dir, split="test") == 0
-    with pytest.raises(ValueError, match="no test-"):
+    with pytest.raises(UsageError, match="no test shards"):
         data.make_dataset(tfrec_dir, split="test")
+
+
+def test_shards_are_checked_against_the_manifest_before_reading(tmp_path):
+    tfrec_dir, manifest = _write(tmp_path, "raw", folds=2, n_per_fold=4, n_test=2)
+    victim = next(s["file"] for s in manifest["shards"] if s["fold"] == 1)
+    path = os.path.join(tfrec_dir, victim)
+    blob = bytearray(open(path, "rb").read())
+    blob[len(blob) // 2] ^= 0xFF                                      # same size, different bytes
+    open(path, "wb").write(bytes(blob))
+    data.make_dataset(tfrec_dir, folds=[0])                           # fold 0 is intact
+    data.make_dataset(tfrec_dir, folds=[1])                           # sizes match: only hashes see it
+    with pytest.raises(IntegrityError, match=victim):
+        data.make_dataset(tfrec_dir, folds=[1], check_hashes=True)
+    os.remove(path)
+    with pytest.raises(IntegrityError, match=f"{victim} is missing"):
+        data.make_dataset(tfrec_dir, folds=[1])
+    with pytest.raises(IntegrityError, match=victim):
+        data.make_dataset(tfrec_dir, training=True)
 
 
 def test_bad_arguments_are_named(tfrec):
@@ -197,8 +214,16 @@ def test_bad_arguments_are_named(tfrec):
         data.make_dataset(tfrec_dir, label_mode="sparse")
     with pytest.raises(ValueError, match="class_weight has 3"):
         data.make_dataset(tfrec_dir, class_weight=[1, 2, 3])
-    with pytest.raises(ValueError, match="unknown augment preset"):
+    with pytest.raises(UsageError, match="--augment='heavy'"):
         data.make_dataset(tfrec_dir, training=True, augment="heavy")
+    with pytest.raises(ValueError, match="num_classes=3"):
+        data.make_dataset(tfrec_dir, num_classes=3, label_mode="categorical")
+    with pytest.raises(ValueError, match="with_ids=True is for evaluation"):
+        data.make_dataset(tfrec_dir, training=True, with_ids=True)
+    with pytest.raises(ValueError, match="mixup"):
+        data.make_dataset(tfrec_dir, mixup=0.4)                       # not training
+    with pytest.raises(ValueError, match="mixup"):
+        data.make_dataset(tfrec_dir, training=True, mixup=0.4, label_mode="int")
 
 
 def test_augment_callable_gets_batches_and_batch_seed_pairs(tfrec):
@@ -224,3 +249,37 @@ def test_training_batches_for_each_encoding(tmp_path, encoding):
     for x, y in ds.take(4):
         assert x.shape == (5, SIZE, SIZE, 3) and y.shape == (5, 1)
         assert 0.0 <= x.numpy().min() and x.numpy().max() <= 255.0
+
+
+def test_training_with_mixup_blends_labels_and_weights(tfrec):
+    tfrec_dir, _ = tfrec
+    weights = [0.5, 2.0]
+    ds = data.make_dataset(tfrec_dir, training=True, batch_size=8, mixup=0.4, class_weight=weights, seed=1)
+    ys, ws = [], []
+    for x, y, w in ds.take(6):
+        assert x.shape == (8, SIZE, SIZE, 3) and y.shape == (8, 1)
+        ys.append(y.numpy()[:, 0])
+        ws.append(w.numpy())
+    y, w = np.concatenate(ys), np.concatenate(ws)
+    assert ((0.0 <= y) & (y <= 1.0)).all()
+    assert ((0.0 < y) & (y < 1.0)).any()                              # some labels are blends
+    np.testing.assert_allclose(w, weights[0] + (weights[1] - weights[0]) * y, rtol=1e-5)  # same lam
+
+
+def test_model_inputs_is_the_one_resize():
+    images = np.random.default_rng(0).integers(0, 256, (2, 16, 16, 3), dtype=np.uint8)
+    out = data.model_inputs(images, 8).numpy()
+    assert out.shape == (2, 8, 8, 3) and out.dtype == np.float32
+    np.testing.assert_array_equal(out, imageops.resize(images, 8).numpy())
+    np.testing.assert_array_equal(data.model_inputs(images, (16, 16)).numpy(), images.astype(np.float32))
+
+
+def test_stream_dataset_batches_generator_items_through_model_inputs():
+    rng = np.random.default_rng(1)
+    items = [(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8), j % 2, f"{j:03d}") for j in range(5)]
+    ds = data.stream_dataset(lambda: iter(items), image_shape=(16, 16), image_size=8, batch_size=2)
+    x, y, ids = _collect(ds)
+    assert x.shape == (5, 8, 8, 3) and x.dtype == np.float32
+    np.testing.assert_array_equal(x, imageops.resize(np.stack([i[0] for i in items]), 8).numpy())
+    assert y.tolist() == [0, 1, 0, 1, 0]
+    assert [i.decode() for i in ids] == ["000", "001", "002", "003", "004"]

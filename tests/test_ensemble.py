@@ -3,7 +3,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from histofold import ensemble
+from histofold import ensemble, io
+from histofold.errors import DataError, UsageError
 
 
 def _binary(ids, p1):
@@ -87,12 +88,28 @@ def test_nan_duplicates_and_columns_raise():
         ensemble.ensemble([a], method="median")
 
 
-def test_read_write_roundtrip_keeps_string_ids(tmp_path):
+def test_errors_are_usage_and_data_errors():
+    a = _binary(["x", "y"], [0.1, 0.2])
+    with pytest.raises(UsageError, match="unknown ensemble method"):
+        ensemble.ensemble([a], method="median")
+    with pytest.raises(UsageError, match="run_weights"):
+        ensemble.ensemble([a, a], weights=[0, 0])
+    with pytest.raises(DataError, match="lacks 1 ids"):
+        ensemble.ensemble([a, _binary(["x"], [0.1])])
+    with pytest.raises(DataError, match="not a prediction frame"):
+        ensemble.ensemble([pd.DataFrame({"id": ["x"], "score": [0.5]})])
+
+
+def test_csv_roundtrip_through_io_keeps_string_ids(tmp_path):
+    # prediction files are written and read by histofold.io (ensemble itself only joins frames)
     a = _binary(["007", "010"], [0.25, 0.75])
-    path = str(tmp_path / "sub" / "preds.csv")
-    ensemble.write_predictions(a, path)
-    back = ensemble.read_predictions(path)
+    b = _binary(["010", "007"], [0.5, 0.25])
+    pa, pb = str(tmp_path / "sub" / "a.csv"), str(tmp_path / "sub" / "b.csv")
+    io.write_csv(pa, a)
+    io.write_csv(pb, b)
+    back = io.read_csv(pa, dtype={"id": str})
     assert back["id"].tolist() == ["007", "010"]
     pd.testing.assert_frame_equal(back, a)
-    with pytest.raises(FileNotFoundError, match="predict.py"):
-        ensemble.read_predictions(str(tmp_path / "none.csv"))
+    out = ensemble.ensemble([back, io.read_csv(pb, dtype={"id": str})], names=[pa, pb])
+    assert out["id"].tolist() == ["007", "010"]
+    np.testing.assert_allclose(out["p_1"], [0.25, 0.625])

@@ -3,6 +3,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from histofold import folds as folds_mod
+from histofold.errors import UsageError
 from histofold.folds import assign_folds, class_balance
 
 
@@ -44,9 +46,9 @@ def test_same_seed_same_folds_different_seed_different():
 
 def test_errors_and_small_class_warning():
     labels, groups = [0, 1, 0, 1], ["a", "b", "c", "d"]
-    with pytest.raises(ValueError, match="at least 2"):
+    with pytest.raises(UsageError, match="at least 2"):
         assign_folds(labels, groups, n_folds=1, seed=0)
-    with pytest.raises(ValueError, match="--folds <= 4"):
+    with pytest.raises(UsageError, match="--folds <= 4"):
         assign_folds(labels, groups, n_folds=5, seed=0)
     with pytest.warns(UserWarning, match="smallest class"):
         folds = assign_folds([0] * 8 + [1, 1], [str(i) for i in range(10)], n_folds=5, seed=0)
@@ -58,3 +60,35 @@ def test_class_balance_table():
     table = class_balance(df, classes=["neg", "pos"])
     assert list(table.columns) == ["neg", "pos", "total"]
     assert table.loc[1, "neg"] == 2 and table.loc["total", "total"] == 5
+
+
+def _frame(n=20, label_shift=0):
+    return pd.DataFrame({"id": [f"{i:03d}" for i in range(n)], "label": [(i + label_shift) % 2 for i in range(n)],
+                         "group": [f"g{i // 2}" for i in range(n)], "source": "x"})
+
+
+def test_decide_writes_then_reuses_folds_csv(tmp_path):
+    folds_dir = str(tmp_path / "folds")
+    first, decided = folds_mod.decide(_frame(), folds_dir=folds_dir, n_folds=3, seed=0, overwrite=False)
+    assert decided
+    assert list(first.columns[:3]) == ["id", "label", "fold"] and set(first["fold"]) == {0, 1, 2}
+    assert (first.groupby("group")["fold"].nunique() == 1).all()
+    on_disk = pd.read_csv(tmp_path / "folds" / "folds.csv", dtype={"id": str, "group": str})
+    assert on_disk["id"].tolist()[:2] == ["000", "001"]  # string ids survive
+    pd.testing.assert_frame_equal(on_disk, first.reset_index(drop=True))
+    again, decided = folds_mod.decide(_frame(), folds_dir=folds_dir, n_folds=3, seed=0, overwrite=False)
+    assert not decided
+    pd.testing.assert_frame_equal(again, on_disk)
+
+
+def test_decide_refuses_a_different_folds_csv_without_overwrite(tmp_path):
+    folds_dir = str(tmp_path / "folds")
+    folds_mod.decide(_frame(), folds_dir=folds_dir, n_folds=3, seed=0, overwrite=False)
+    for change in (dict(seed=1, n_folds=3), dict(seed=0, n_folds=4)):
+        with pytest.raises(UsageError, match="--overwrite"):
+            folds_mod.decide(_frame(), folds_dir=folds_dir, overwrite=False, **change)
+    with pytest.raises(UsageError, match="different ids/labels/groups"):
+        folds_mod.decide(_frame(label_shift=1), folds_dir=folds_dir, n_folds=3, seed=0, overwrite=False)
+    new, decided = folds_mod.decide(_frame(), folds_dir=folds_dir, n_folds=4, seed=0, overwrite=True)
+    assert decided and set(new["fold"]) == {0, 1, 2, 3}
+    assert set(pd.read_csv(tmp_path / "folds" / "folds.csv")["fold"]) == {0, 1, 2, 3}

@@ -1,8 +1,8 @@
-"""histofold.imageio (decoding, conversions, resize, refs, HDF5) and histofold.synthetic (render)."""
+"""histofold.imageio (decoding, conversions, refs, HDF5, reads through histofold.io) and histofold.synthetic
+(render). The resize is histofold.imageops (tests/test_imageops.py)."""
 import gzip
 import io
 import os
-import time
 
 import h5py
 import numpy as np
@@ -10,9 +10,10 @@ import pytest
 from PIL import Image
 from conftest import shared
 
-from histofold import imageio, sources, synthetic
-from histofold.imageio import load_h5_batch, load_ref, read_image, resize
-from histofold.sources import ImageError
+from histofold import imageio, synthetic
+from histofold import io as hio
+from histofold.errors import ImageError
+from histofold.imageio import load_ref, read_image
 
 
 def _save(tmp_path, name, img: Image.Image, **kw):
@@ -138,18 +139,22 @@ def test_as_rgb_array_rejects_wrong_dtype_and_shape():
     assert imageio.as_rgb_array(np.zeros((4, 4, 1), np.uint8)).shape == (4, 4, 3)
 
 
-# ---------------------------------------------------------------- resize
+# ---------------------------------------------------------------- reads through histofold.io
 
-def test_resize_downscale_averages_area_and_upscale_shape():
-    checker = np.zeros((8, 8, 3), np.uint8)
-    checker[::2, ::2] = 255
-    checker[1::2, 1::2] = 255
-    small = resize(checker, 4)
-    assert small.shape == (4, 4, 3) and small.dtype == np.uint8
-    assert np.all(np.abs(small.astype(int) - 128) <= 1)   # BOX: each 2x2 block averages to grey
-    big = resize(checker, (10, 12))
-    assert big.shape == (10, 12, 3)
-    assert resize(checker, 8) is checker
+def test_read_image_from_an_in_memory_url():
+    # URLs go through tf.io.gfile (histofold.io): ram:// stands in for gs://
+    rgb = np.random.default_rng(4).integers(0, 256, (9, 7, 3), np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, format="PNG")
+    url = "ram://test_imageio/a.png"
+    hio.write_bytes(url, buf.getvalue())
+    try:
+        np.testing.assert_array_equal(read_image(url), rgb)
+        np.testing.assert_array_equal(load_ref(("file", url)), rgb)
+        with pytest.raises(ImageError, match="file not found: ram://test_imageio/missing.png"):
+            read_image("ram://test_imageio/missing.png")
+    finally:
+        hio.rmtree("ram://test_imageio")
 
 
 # ---------------------------------------------------------------- refs and HDF5
@@ -172,7 +177,6 @@ def test_load_ref_h5_plain_and_gz(h5_files, tmp_path):
     for path in (plain, gz):
         for i in (0, 4):
             np.testing.assert_array_equal(load_ref(("h5", path, "x", i)), x[i])
-    np.testing.assert_array_equal(load_h5_batch(gz, "x", 1, 4), x[1:4])
     copies = os.listdir(tmp_path / "cache")
     assert len(copies) == 1 and copies[0].endswith("x2.h5")   # decompressed once, no .part left
     assert imageio.gunzip_cached(gz) == str(tmp_path / "cache" / copies[0])
@@ -184,13 +188,18 @@ def test_load_ref_h5_plain_and_gz(h5_files, tmp_path):
         load_ref(("h5", str(tmp_path / "missing.h5"), "x", 0))
 
 
-def test_load_ref_file_resize_and_unknown_kind(tmp_path):
-    path = _save(tmp_path, "a.png", Image.fromarray(np.full((20, 20, 3), 7, np.uint8)))
-    out = load_ref(("file", str(path)), size=10)
-    assert out.shape == (10, 10, 3) and np.all(out == 7)
-    np.testing.assert_array_equal(sources.load_ref(("file", str(path))), read_image(path))
-    with pytest.raises(ValueError, match="file, h5, synthetic"):
+def test_load_ref_file_keeps_the_stored_size_and_rejects_unknown_kinds(tmp_path):
+    pixels = np.random.default_rng(2).integers(0, 256, (20, 14, 3), np.uint8)
+    path = _save(tmp_path, "a.png", Image.fromarray(pixels))
+    out = load_ref(("file", str(path)))
+    assert out.shape == (20, 14, 3) and out.dtype == np.uint8     # no resizing here (PixelFormat does it)
+    np.testing.assert_array_equal(out, pixels)
+    with pytest.raises(TypeError):
+        load_ref(("file", str(path)), size=10)                    # the size argument is gone
+    with pytest.raises(ValueError, match="file, h5, synthetic, slide"):
         load_ref(("zip", "a"))
+    with pytest.raises(ImageError, match="file not found"):
+        load_ref(("file", str(tmp_path / "nope.png")))
 
 
 def test_load_ref_synthetic_matches_render():
@@ -232,12 +241,11 @@ def test_render_classes_differ_but_overlap():
     assert means[0] < means[3], means   # ordinal severity
 
 
-def test_render_is_fast():
-    start = time.perf_counter()
-    for i in range(300):
-        synthetic.render(0, i, 96, i % 2, 2)
-    rate = 300 / (time.perf_counter() - start)
-    assert rate > 300, f"{rate:.0f} img/s (target >= 1000 on an idle core; loose bound for shared CI)"
+def test_render_many_gives_distinct_images():
+    # no wall-clock assertion here: speed figures live in bench/ (bench/pipeline.py measures it)
+    imgs = [synthetic.render(0, i, 96, i % 2, 2) for i in range(300)]
+    assert all(a.shape == (96, 96, 3) and a.dtype == np.uint8 for a in imgs)
+    assert len({a.tobytes() for a in imgs}) == 300
 
 
 # ---------------------------------------------------------------- plain-TIFF fast path

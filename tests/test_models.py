@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from histofold import models
+from histofold.errors import UsageError
 
 ROOT = Path(__file__).resolve().parents[1]
 HEAVY = {"resnet50", "densenet121", "efficientnetb1", "efficientnetb2", "efficientnetb3", "efficientnetv2s",
@@ -17,8 +18,12 @@ HEAVY = {"resnet50", "densenet121", "efficientnetb1", "efficientnetb2", "efficie
 
 
 def small_size(arch: str) -> int:
+    """The smallest valid input for the arch (fast builds): 32 px for keras applications, else 16 px,
+    raised to the arch's minimum and rounded up to its size multiple (pcam_cnn: 32)."""
     spec = models.get_arch(arch)
-    return max(32, spec.min_size) if spec.keras_app else 16
+    size = max(32 if spec.keras_app else 16, spec.min_size)
+    mult = spec.size_multiple or 1
+    return -(-size // mult) * mult
 
 
 @pytest.fixture
@@ -57,15 +62,61 @@ def test_every_arch_builds_flat_with_float32_output(arch, pol, policy):
 
 
 def test_unknown_arch_lists_valid_names():
-    with pytest.raises(ValueError, match=r"unknown arch 'nope'; valid: tiny, simple_cnn, .*resnet50"):
+    with pytest.raises(UsageError, match=r"--arch='nope': choose one of tiny, simple_cnn, .*pcam_cnn.*resnet50"):
         models.get_arch("nope")
 
 
 def test_wrong_size_suggests_valid_sizes():
-    with pytest.raises(ValueError, match=r"image size 100 not divisible by 32 for resnet50; use 96 or 128"):
+    with pytest.raises(UsageError, match=r"--image_size=100 is not a multiple of 32, as resnet50 needs; pass 96 or 128"):
         models.build_model("resnet50", num_classes=2, image_size=100)
-    with pytest.raises(ValueError, match="below the minimum 32 for mobilenetv2"):
+    with pytest.raises(UsageError, match=r"--image_size=16 is below the minimum 32 for mobilenetv2; pass --image_size=32"):
         models.build_model("mobilenetv2", num_classes=2, image_size=16)
+    with pytest.raises(UsageError, match=r"--image_size=40 is not a multiple of 16, as pcam_cnn needs; pass 32 or 48"):
+        models.build_model("pcam_cnn", num_classes=2, image_size=40)
+
+
+def test_input_size_owns_the_model_input_size():
+    # --image_size when given; else the pretrained keras backbone's size; else the stored record size
+    assert models.input_size("histo_cnn", 64, stored=(96, 96)) == (64, 64)
+    assert models.input_size("histo_cnn", 0, stored=(96, 96)) == (96, 96)
+    assert models.input_size("pcam_cnn", 0, stored=(96, 96)) == (96, 96)
+    assert models.input_size("resnet50", 0, stored=(96, 96), weights="imagenet") == (224, 224)
+    assert models.input_size("resnet50", 0, stored=(96, 96), weights="none") == (96, 96)
+    assert models.input_size("resnet50", 128, stored=(96, 96), weights="imagenet") == (128, 128)
+    assert models.input_size("tiny", 0, stored=(20, 24)) == (20, 24)
+    with pytest.raises(UsageError, match="--image_size=50 is not a multiple of 32"):
+        models.input_size("resnet50", 50, stored=(96, 96))
+    with pytest.raises(UsageError, match="--image_size=24 is below the minimum 32 for pcam_cnn"):
+        models.input_size("pcam_cnn", 0, stored=(24, 24))       # a too-small stored size is caught too
+    with pytest.raises(UsageError, match="--arch='nope'"):
+        models.input_size("nope", 0, stored=(96, 96))
+
+
+def test_space_to_depth_moves_each_block_into_channels():
+    import tensorflow as tf
+
+    x = np.random.default_rng(0).normal(size=(2, 8, 12, 3)).astype("float32")
+    layer = models.SpaceToDepth(2)
+    out = keras.ops.convert_to_numpy(layer(x))
+    assert out.shape == (2, 4, 6, 12) == layer.compute_output_shape((2, 8, 12, 3))
+    np.testing.assert_array_equal(out, tf.nn.space_to_depth(x, 2).numpy())   # TensorFlow's definition
+    # pixel (i, j) of block (bi, bj) lands in channels ((i * 2 + j) * 3 .. + 3) of output pixel (bi, bj)
+    np.testing.assert_array_equal(out[1, 2, 3, 9:12], x[1, 5, 7])
+    assert models.SpaceToDepth.from_config(layer.get_config()).block == 2
+
+
+def test_pcam_cnn_layout_and_save_load_round_trip(tmp_path):
+    model = models.build_model("pcam_cnn", num_classes=2, image_size=96, seed=0)
+    assert models.get_arch("pcam_cnn").default_size == 96
+    assert 0.9e6 < models.count_params(model) < 1.1e6                      # ~1M parameters at width 32
+    assert tuple(model.get_layer("stem_s2d").output.shape) == (None, 48, 48, 12)
+    assert tuple(model.get_layer(models.last_conv_layer(model)).output.shape) == (None, 6, 6, 256)
+    path = tmp_path / "pcam_cnn.keras"
+    model.save(path)
+    loaded = keras.saving.load_model(path)                                 # SpaceToDepth is registered
+    x = np.random.default_rng(1).uniform(0, 255, (2, 96, 96, 3)).astype("float32")
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(loaded(x, training=False)),
+                               keras.ops.convert_to_numpy(model(x, training=False)), rtol=1e-5, atol=1e-6)
 
 
 def test_default_sizes_and_rectangular_input():
@@ -121,31 +172,31 @@ def test_weights_path_round_trip_flat_backbone(tmp_path):
     _assert_same_backbone(model, models.backbone_model(src))
 
 
-def test_wrong_arch_weights_file_is_one_line_value_error(tmp_path):
+def test_wrong_arch_weights_file_is_one_line_usage_error(tmp_path):
     path = tmp_path / "tiny.weights.h5"
     models.backbone_model(models.build_model("tiny", num_classes=2, image_size=32)).save_weights(path)
-    with pytest.raises(ValueError) as e:
+    with pytest.raises(UsageError) as e:
         models.build_model("mobilenetv2", num_classes=2, image_size=32, weights=str(path))
     msg = str(e.value)
     assert "\n" not in msg and str(path) in msg and "mobilenetv2" in msg
-    with pytest.raises(ValueError, match="no such file"):
+    with pytest.raises(UsageError, match="no such file"):
         models.build_model("tiny", num_classes=2, weights=str(tmp_path / "missing.h5"))
 
 
-def test_imagenet_offline_is_one_line_runtime_error(monkeypatch):
+def test_imagenet_offline_is_one_line_usage_error(monkeypatch):
     from keras.src.utils import file_utils  # the download keras.applications call
 
     def offline(*args, **kwargs):
         raise Exception("URL fetch failure on https://storage.googleapis.com/x: None -- name resolution")
 
     monkeypatch.setattr(file_utils, "get_file", offline)
-    with pytest.raises(RuntimeError) as e:
+    with pytest.raises(UsageError) as e:
         models.build_model("resnet50", num_classes=2, image_size=32, weights="imagenet")
     msg = str(e.value)
     assert "\n" not in msg
     assert msg.startswith("could not download ImageNet weights for resnet50 (offline?)")
     assert "--weights=/path/to/resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5" in msg
-    with pytest.raises(ValueError, match="no pretrained weights exist for simple_cnn"):
+    with pytest.raises(UsageError, match="no pretrained weights exist for simple_cnn"):
         models.build_model("simple_cnn", num_classes=2, weights="imagenet")
 
 
@@ -204,7 +255,8 @@ JAX_SCRIPT = textwrap.dedent("""
     from histofold import models
     assert keras.backend.backend() == "jax", keras.backend.backend()
     for arch, spec in models.ARCHS.items():
-        size = 32 if spec.keras_app else 16
+        size = max(32 if spec.keras_app else 16, spec.min_size)
+        size = -(-size // (spec.size_multiple or 1)) * (spec.size_multiple or 1)
         m = models.build_model(arch, num_classes=3, image_size=size)
         y = np.asarray(m(np.zeros((1, size, size, 3), "float32")))
         assert y.shape == (1, 3) and y.dtype == np.float32, (arch, y.shape, y.dtype)

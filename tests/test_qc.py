@@ -101,3 +101,31 @@ def test_merge_groups_joins_source_groups_through_duplicates():
     assert groups[:3] == ["A+B"] * 3  # A and B joined by the duplicate pair
     assert groups[3:] == ["i3", "i4"]
     assert qc.merge_groups(["", "", ""], np.array([0, 0, 1]), ["x", "y", "z"]) == ["dup-x", "dup-x", "z"]
+
+
+def test_phash_d4_is_invariant_under_imageops_dihedral():
+    # the D4 that augmentation and TTA use (histofold.imageops) is the group phash_d4 is invariant to
+    from histofold import imageops
+
+    image = tissue(6, (64, 48))
+    outs = [imageops.dihedral(image, k).numpy() for k in imageops.DIHEDRAL]
+    assert len({o.tobytes() for o in outs}) == 8
+    assert len({qc.phash_d4(o) for o in outs}) == 1
+    assert qc.phash_d4(tissue(7, (64, 48))) != qc.phash_d4(image)
+
+
+def test_prepare_config_near_dup_radius_drives_clustering():
+    from histofold.config import PrepareConfig
+
+    assert PrepareConfig(near_dup=True).near_bits == 4
+    assert PrepareConfig(near_dup=False).near_bits is None
+    assert PrepareConfig(near_dup=-1).near_bits is None
+    assert PrepareConfig(near_dup="2").near_bits == 2
+    h = np.array([0, 0b111, 0b1], np.uint64)  # 3 bits and 1 bit from image 0
+    sha = ["a", "b", "c"]
+    wide, _ = qc.duplicate_clusters(sha, h, near_bits=PrepareConfig(near_dup=3).near_bits)
+    assert len(set(wide.tolist())) == 1
+    narrow, _ = qc.duplicate_clusters(sha, h, near_bits=PrepareConfig(near_dup=1).near_bits)
+    assert narrow[0] == narrow[2] != narrow[1]
+    exact, _ = qc.duplicate_clusters(sha, h, near_bits=PrepareConfig(near_dup=-1).near_bits)
+    assert len(set(exact.tolist())) == 3

@@ -12,7 +12,7 @@ from histofold import metrics
 def test_short_run_on_pcam_train_reaches_auc_above_075(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     prepare_tfrecords.main(source="folder", input=str(shared("pcam_jpeg") / "train"), folds=5)
-    summary = train.main(fold="0", arch="histo_cnn", width=16, image_size=48, epochs=3, lr=3e-3,
+    [summary] = train.main(fold="0", arch="histo_cnn", width=16, image_size=48, epochs=3, lr=3e-3,
                          augment="light")
     oof = pd.read_csv("runs/histo_cnn/fold0/oof.csv")
     assert len(oof) == 600  # fold 0 of 3000, held out from training

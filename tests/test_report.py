@@ -1,20 +1,25 @@
-"""report.py on fabricated run directories: files, numbers equal metrics.py, embedded figures, compare mode."""
+"""report.py on fabricated complete run directories (config.json, history.csv, oof.csv, complete.json):
+files, numbers equal metrics.py, embedded figures, compare mode, errors; and evaluate() on a real
+trained run."""
 import json
 import os
 import re
+import zlib
 
 import numpy as np
 import pandas as pd
 import pytest
 
-from histofold import metrics, report
+from histofold import metrics, report, runs
+from histofold.errors import DataError, IntegrityError
 
 CLASSES7 = ["ADI", "BACK", "DEB", "LYM", "MUC", "MUS", "TUM"]
 N_BOOT = 200
 
 
-def _fake_run(root, name, *, classes, n_per_fold=60, folds=3, signal=2.0, seed=0, history=True):
-    """runs/<name>/fold{k}/ with config.json, history.csv and an oof.csv of realistic probabilities."""
+def _fake_run(root, name, *, classes, n_per_fold=60, folds=3, signal=2.0, seed=0, history=True, complete=True):
+    """runs/<name>/fold{k}/ with config.json, history.csv and an oof.csv of realistic probabilities,
+    marked complete (runs.RunDir.mark_complete) as train.py does last."""
     rng = np.random.default_rng(seed)
     k = len(classes)
     data_rng = np.random.default_rng(123)  # same ids and labels for every run, so compare can join on id
@@ -29,8 +34,8 @@ def _fake_run(root, name, *, classes, n_per_fold=60, folds=3, signal=2.0, seed=0
             oof[f"p_{c}"] = P[:, j]
         oof.to_csv(d / "oof.csv", index=False)
         monitor = "val_auc" if k == 2 else "val_macro_f1"
-        cfg = {"classes": classes, "num_classes": k, "arch": "tiny_test", "image_size": [16, 16], "fold": f,
-               "tfrecords": "tfrecords", "monitor": monitor}
+        cfg = {"arch": "tiny_test", "fold": str(f), "tfrecords": "tfrecords", "monitor": monitor,
+               "resolved": {"classes": classes, "image_size": [16, 16], "tfrecords": "tfrecords"}}
         (d / "config.json").write_text(json.dumps(cfg))
         if history:
             e = np.arange(6)
@@ -38,7 +43,14 @@ def _fake_run(root, name, *, classes, n_per_fold=60, folds=3, signal=2.0, seed=0
             pd.DataFrame({"epoch": e, "loss": 0.7 * 0.8 ** e, "val_loss": 0.75 * 0.85 ** e + 0.01 * f,
                           m: 0.6 + 0.06 * e, f"val_{m}": 0.58 + 0.05 * e - 0.01 * f,
                           "lr": 1e-3 * 0.5 ** e}).to_csv(d / "history.csv", index=False)
+        if complete:
+            runs.RunDir(str(d)).mark_complete()
     return str(root / "runs" / name)
+
+
+def _stable_seed(image_id: str) -> int:
+    """A seed from an id that does not change with PYTHONHASHSEED (hash() of a str does)."""
+    return zlib.crc32(str(image_id).encode())
 
 
 def _callbacks():
@@ -55,7 +67,7 @@ def _callbacks():
         return keras.Model(inp, keras.layers.Activation("sigmoid", name="head_probs")(logits))
 
     def load_images(ids):
-        return np.stack([np.random.default_rng(abs(hash(i)) % 2**32).integers(0, 256, (16, 16, 3), dtype=np.uint8)
+        return np.stack([np.random.default_rng(_stable_seed(i)).integers(0, 256, (16, 16, 3), dtype=np.uint8)
                          for i in ids])
 
     return load_model, load_images
@@ -141,8 +153,88 @@ def test_compare_mode_gives_paired_diff_ci(tmp_path):
     assert "compare_roc" in _embedded_alts((rdir / "report.html").read_text())
 
 
-def test_mismatched_classes_and_missing_oof_raise(tmp_path):
+def test_stable_seed_is_fixed():
+    assert _stable_seed("img_0_000") == zlib.crc32(b"img_0_000") == _stable_seed("img_0_000")
+    assert _stable_seed("img_0_000") != _stable_seed("img_0_001")
+
+
+def test_load_run_reads_complete_folds_in_order(tmp_path):
+    run_path = _fake_run(tmp_path, "cnn", classes=["0", "1"], folds=3, n_per_fold=10)
+    run = report.load_run([run_path], name="cnn")
+    assert [os.path.basename(d) for d in run.fold_dirs] == ["fold0", "fold1", "fold2"]
+    assert run.classes == ["0", "1"] and run.binary and len(run.oof) == 30
+    assert run.configs[0]["image_size"] == [16, 16]                  # resolved facts merged in
+    assert run.probs().shape == (30, 2)
+    by_folds = report.load_run([f"{run_path}/fold2", f"{run_path}/fold0"], name="cnn")
+    assert [os.path.basename(d) for d in by_folds.fold_dirs] == ["fold2", "fold0"] and len(by_folds.oof) == 20
+
+
+def test_missing_oof_is_an_integrity_error(tmp_path):
     run = _fake_run(tmp_path, "a", classes=["0", "1"], folds=2)
     os.remove(f"{run}/fold1/oof.csv")
-    with pytest.raises(FileNotFoundError, match="fold1/oof.csv is missing"):
+    with pytest.raises(IntegrityError, match="fold1/oof.csv is missing"):
         report.build_report([run], out_dir=str(tmp_path / "r"), name="a", gradcam=False, n_boot=10)
+
+
+def test_changed_oof_is_refused(tmp_path):
+    run = _fake_run(tmp_path, "a", classes=["0", "1"], folds=2)
+    with open(f"{run}/fold0/oof.csv", "a") as f:
+        f.write("extra,0,0,0.5,0.5\n")
+    with pytest.raises(IntegrityError, match="fold0/oof.csv does not match its sha256"):
+        report.load_run([run], name="a")
+
+
+def test_unfinished_fold_is_refused(tmp_path):
+    run = _fake_run(tmp_path, "a", classes=["0", "1"], folds=2, complete=False)
+    with pytest.raises(DataError, match="fold0 did not finish"):
+        report.load_run([run], name="a")
+
+
+def test_mismatched_classes_raise(tmp_path):
+    a = _fake_run(tmp_path, "a", classes=["0", "1"], folds=1)
+    b = _fake_run(tmp_path, "b", classes=["neg", "pos"], folds=1)
+    with pytest.raises(DataError, match=r"has classes \['neg', 'pos'\] .* \['0', '1'\]"):
+        report.load_run([a, b], name="ab")
+
+
+def test_the_same_fold_twice_is_refused(tmp_path):
+    run = _fake_run(tmp_path, "a", classes=["0", "1"], folds=1)
+    with pytest.raises(DataError, match="more than one fold"):
+        report.load_run([f"{run}/fold0", f"{run}/fold0"], name="a")
+
+
+def test_oof_with_nan_or_missing_columns_is_refused(tmp_path):
+    run = _fake_run(tmp_path, "a", classes=["0", "1"], folds=1, complete=False)
+    oof = pd.read_csv(f"{run}/fold0/oof.csv", dtype={"id": str})
+    oof.loc[3, "p_1"] = np.nan
+    oof.to_csv(f"{run}/fold0/oof.csv", index=False)
+    runs.RunDir(f"{run}/fold0").mark_complete()
+    with pytest.raises(DataError, match=r"1 rows have NaN probabilities .*id img_0_003"):
+        report.load_run([run], name="a")
+    oof.drop(columns=["p_1"]).to_csv(f"{run}/fold0/oof.csv", index=False)
+    runs.RunDir(f"{run}/fold0").mark_complete()
+    with pytest.raises(DataError, match=r"lacks columns \['p_1'\]"):
+        report.load_run([run], name="a")
+
+
+def test_evaluate_reports_a_trained_run_with_its_own_models_and_images(tmp_path):
+    from helpers_records import write_fake_tfrecords
+    from histofold import loop
+    from histofold.config import EvaluateConfig, TrainConfig
+
+    tfrec = str(tmp_path / "tfrecords")
+    write_fake_tfrecords(tfrec, n_per_fold=16, folds=2, n_test=2, size=16)
+    loop.train(TrainConfig.from_flags(tfrecords=tfrec, fold="all", arch="tiny", runs_dir=str(tmp_path / "runs"),
+                                      epochs=1, batch_size=8, weights="none", name="ev"))
+    out = report.evaluate(EvaluateConfig.from_flags(runs=str(tmp_path / "runs" / "ev"),
+                                                    out_dir=str(tmp_path / "reports"), n_boot=20, n_gradcam=1))
+    rdir = tmp_path / "reports" / "ev"
+    saved = json.loads((rdir / "metrics.json").read_text())
+    oof = pd.concat([pd.read_csv(tmp_path / "runs" / "ev" / f"fold{f}" / "oof.csv", dtype={"id": str})
+                     for f in range(2)])
+    assert len(oof) == 32 and saved["meta"]["n_oof"] == 32
+    assert saved["overall"]["auc"] == pytest.approx(metrics.fast_auc(oof["label"], oof["p_1"]))
+    assert out["report_dir"] == str(rdir)
+    assert "skipped" not in saved["gradcam"] and (rdir / "figures" / "gradcam.png").stat().st_size > 1000
+    shown = [i for ids in saved["gradcam"]["categories"].values() for i in ids]
+    assert shown and set(shown) <= set(oof["id"])

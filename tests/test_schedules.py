@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from histofold import schedules
+from histofold.errors import UsageError
 
 
 def lr(fn, step, **kw):
@@ -74,8 +75,11 @@ def test_registry_plateau_and_errors():
     assert schedules.make_schedule("plateau", total_steps=10, max_lr=1e-3) == 1e-3  # a float for ReduceLROnPlateau
     opt = keras.optimizers.AdamW(learning_rate=schedules.make_schedule("cosine", total_steps=10, max_lr=1e-3))
     assert float(keras.ops.convert_to_numpy(opt.learning_rate)) == 0.0  # cosine warm-up starts at 0
-    with pytest.raises(ValueError, match=r"unknown --schedule='linear'; valid: onecycle, cosine"):
+    with pytest.raises(UsageError, match=r"--schedule='linear': choose one of onecycle, cosine"):
         schedules.make_schedule("linear", total_steps=10, max_lr=1e-3)
+    assert schedules.check_schedule("cosine") == "cosine"
+    with pytest.raises(UsageError, match=r"--schedule='step': choose one of"):
+        schedules.check_schedule("step")
     with pytest.raises(ValueError, match="at least one step"):
         schedules.make_schedule("onecycle", total_steps=0, max_lr=1e-3)
 

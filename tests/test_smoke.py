@@ -65,10 +65,53 @@ def test_predict_errors_when_sample_submission_ids_differ_from_test_shards(in_tm
 
 
 def test_predict_folder_of_new_images(in_tmp):
+    """--input: class folders named like the model's classes are scored; an unreadable file is a reject."""
+    from PIL import Image
+
     prepare_tfrecords.main(source="synthetic", count=60, test_count=6, image_size=32, folds=3)
     train.main(fold="0", arch="tiny", epochs=1, batch_size=16)
-    src = shared("crc_he_7k") / "ADI"
-    out = predict.main(input=str(src), out="new.csv", tta=2)
+    from histofold import synthetic
+
+    for label, name in enumerate(["normal", "tumor"]):
+        (in_tmp / "new" / name).mkdir(parents=True)
+        for i in range(4):
+            Image.fromarray(synthetic.render(5, i, 32, label, 2)).save(in_tmp / "new" / name / f"{i}.png")
+    (in_tmp / "new" / "tumor" / "broken.png").write_bytes(b"not a png")
+    out = predict.main(input="new", predictions="new.csv", tta=2)
     frame = pd.read_csv("new.csv")
-    assert out["images"] == out["predicted"] + out["rejected"] == len(list(src.iterdir()))
-    assert {"id", "p_normal", "p_tumor", "prediction"} <= set(frame.columns)
+    assert out["images"] == out["predicted"] + out["rejected"] == 9 and out["rejected"] == 1
+    assert {"id", "label", "p_normal", "p_tumor", "prediction"} <= set(frame.columns)
+    assert sorted(frame["label"]) == [0] * 4 + [1] * 4 and 0.0 <= out["input_auc"] <= 1.0
+    rejects = pd.read_csv(out["rejects"])
+    assert rejects["path"].str.endswith("broken.png").all()
+
+
+@pytest.mark.parametrize("stain_norm", ["none", "reinhard"])
+def test_predict_input_sees_the_same_pixels_as_the_training_reader(in_tmp, stain_norm):
+    """The source images of fold 0's records, given to predict.py --input, get exactly the probabilities
+    the same model gave those records in oof.csv: prepare's resize (40 -> 32 px), its stain
+    normalization and the model-input resize (32 -> 24 px) are the same functions on both paths. The
+    test fails if --input skipped the stain normalization or used another resize."""
+    import numpy as np
+    from PIL import Image
+
+    from histofold import synthetic
+
+    prepare_tfrecords.main(source="synthetic", count=48, test_count=0, image_size=40, folds=2, resize=32,
+                           stain_norm=stain_norm)
+    train.main(fold="0", arch="tiny", epochs=1, batch_size=16, image_size=24)
+    folds = pd.read_csv("folds/folds.csv", dtype={"id": str})
+    part = folds[folds["fold"] == 0]
+    (in_tmp / "src").mkdir()
+    for r in part.itertuples():
+        _, seed, index = r.source.split(":")
+        Image.fromarray(synthetic.render(int(seed), int(index), 40, int(r.label), 2)).save(in_tmp / "src" / f"{r.id}.png")
+    predict.main(runs="runs/tiny/fold0", input="src", predictions="src.csv", tta=1)
+    got = pd.read_csv("src.csv")
+    got["id"] = got["id"].map(lambda p: p.rsplit("/", 1)[-1][:-4])
+    oof = pd.read_csv("runs/tiny/fold0/oof.csv", dtype={"id": str})
+    joined = oof.merge(got, on="id", suffixes=("_oof", "_input"))
+    assert len(joined) == len(part)
+    np.testing.assert_allclose(joined["p_tumor_input"], joined["p_tumor_oof"], atol=2e-5)
+    if stain_norm != "none":
+        assert json.load(open("tfrecords/manifest.json"))["stain"]["method"] == stain_norm

@@ -12,7 +12,9 @@ import pytest
 from PIL import Image
 from conftest import shared
 
-from histofold.sources import SOURCES, Listing, get_source, load_ref
+from histofold.errors import DataError, UsageError
+from histofold.imageio import load_ref
+from histofold.sources import PCAM_MPP, SOURCES, Listing, get_source
 
 
 def check_accounting(listing: Listing) -> None:
@@ -40,12 +42,17 @@ def png(path, value=100, size=8):
 # ---------------------------------------------------------------- registry
 
 def test_registry_and_option_errors():
-    assert set(SOURCES) == {"hcd", "pcam", "folder", "chaoyang", "csv", "synthetic"}
+    assert set(SOURCES) == {"hcd", "pcam", "folder", "chaoyang", "csv", "slides", "synthetic"}
     assert all(s.help and "\n" not in s.help for s in SOURCES.values())
-    with pytest.raises(ValueError, match="valid sources: hcd, pcam, folder"):
+    with pytest.raises(UsageError, match="--source='kaggle': choose one of hcd, pcam, folder"):
         get_source("kaggle")
-    with pytest.raises(ValueError, match="no option colour; valid options: classes, class_depth"):
+    with pytest.raises(UsageError, match="no option colour; valid options: classes, class_depth"):
         get_source("folder").list(".", colour=1)
+
+
+def test_errors_are_usage_or_data_errors_and_still_value_errors():
+    # the scripts print UsageError/DataError as one line; older callers catch ValueError
+    assert issubclass(DataError, UsageError) and issubclass(UsageError, ValueError)
 
 
 # ---------------------------------------------------------------- hcd
@@ -60,6 +67,7 @@ def test_hcd_real_fixture():
     assert [i.id for i in listing.test] == order and len(order) == 11
     assert all(i.label == -1 for i in listing.test) and not listing.rejects
     assert listing.classes == ["0", "1"] and listing.meta["test_labeled"] is False
+    assert listing.meta["mpp"] == PCAM_MPP == 0.972
     assert listing.sample_submission == str(root / "sample_submission.csv")
     assert load_ref(listing.test[0].ref).shape == (96, 96, 3)
 
@@ -94,7 +102,7 @@ def test_hcd_bad_rows_are_rejected(tmp_path):
 def test_hcd_escaping_id_is_an_error(tmp_path):
     _hcd_tree(tmp_path, [("a", "0")], test_ids=[], submission=[])
     (tmp_path / "train_labels.csv").write_text("id,label\na,0\n../../etc/x,1\n")
-    with pytest.raises(ValueError, match=r"train_labels.csv line 3.*escapes"):
+    with pytest.raises(DataError, match=r"train_labels.csv line 3.*escapes"):
         get_source("hcd").list(tmp_path)
 
 
@@ -135,19 +143,20 @@ def test_pcam_h5_gz_and_meta(tmp_path, monkeypatch):
     np.testing.assert_array_equal(load_ref(listing.train[5].ref), x_train[5])
     np.testing.assert_array_equal(load_ref(listing.test[3].ref), x_test[3])   # read through .h5.gz
     assert [i.label for i in listing.test] == [0, 1, 0, 1] and listing.meta["test_labeled"] is True
+    assert listing.meta["mpp"] == 0.972
 
     other = get_source("pcam").list(tmp_path, test_split="valid")
     assert {i.id.split("-")[1] for i in other.test} == {"valid"} and len(other.train) == 10
 
 
 def test_pcam_errors(tmp_path):
-    with pytest.raises(ValueError, match="no camelyonpatch"):
+    with pytest.raises(DataError, match="no camelyonpatch"):
         get_source("pcam").list(tmp_path)
     _pcam_split(tmp_path, "train", 4)
     (tmp_path / "camelyonpatch_level_2_split_train_meta.csv").write_text("wsi\na\n")
-    with pytest.raises(ValueError, match="meta.csv has 1 rows"):
+    with pytest.raises(DataError, match="meta.csv has 1 rows"):
         get_source("pcam").list(tmp_path)
-    with pytest.raises(ValueError, match="test_split"):
+    with pytest.raises(UsageError, match="--test_split='holdout'; choose one of train, valid, test or none"):
         get_source("pcam").list(tmp_path, test_split="holdout")
 
 
@@ -186,8 +195,12 @@ def test_folder_class_subset_keeps_given_order():
     assert listing.classes == ["lung_scc", "lung_aca", "lung_n"] and len(listing.train) == 60
     assert listing.meta["skipped"]["other_class"] == 40
     assert all("lung_scc" in i.path for i in listing.train if i.label == 0)
-    with pytest.raises(ValueError, match="classes=lung_xyz not found; the tree has: colon_aca"):
+    with pytest.raises(UsageError, match="--classes=lung_xyz not found; the tree has: colon_aca"):
         get_source("folder").list(root, classes=["lung_xyz"])
+    with pytest.raises(UsageError, match="--class_depth=0"):
+        get_source("folder").list(root, class_depth=0)
+    with pytest.raises(DataError, match="is not a directory"):
+        get_source("folder").list(root / "no_such_dir")
 
 
 def _breakhis(root):
@@ -215,9 +228,9 @@ def test_folder_breakhis_class_depth_groups_and_include(tmp_path):
     assert listing.meta["skipped"] == {"excluded": 6, "non_image": 1, "hidden": 1}
     by_subtype = get_source("folder").list(tmp_path, class_depth=3)
     assert by_subtype.classes == ["adenosis", "ductal_carcinoma", "fibroadenoma"] and len(by_subtype.train) == 12
-    with pytest.raises(ValueError, match=r"does not match .*SOB_B_A-14-22549AB-100-000.png"):
+    with pytest.raises(DataError, match=r"does not match .*SOB_B_A-14-22549AB-100-000.png"):
         get_source("folder").list(tmp_path, class_depth=5, group_regex=r"patient-(\d+)")
-    with pytest.raises(ValueError, match="no images"):
+    with pytest.raises(DataError, match="no images"):
         get_source("folder").list(tmp_path, include="/400X/")
 
 
@@ -269,7 +282,18 @@ def test_chaoyang_layout(tmp_path):
 @pytest.mark.parametrize("name", ["../outside.JPG", "/etc/passwd", "train/../../x.JPG"])
 def test_chaoyang_escape_is_an_error(tmp_path, name):
     _chaoyang(tmp_path, [{"name": "train/a.JPG", "label": 0}], [{"name": name, "label": 0}])
-    with pytest.raises(ValueError, match=r"test.json entry 0: path .* escapes"):
+    with pytest.raises(DataError, match=r"test.json entry 0: path .* escapes"):
+        get_source("chaoyang").list(tmp_path)
+
+
+def test_chaoyang_missing_or_malformed_json_is_a_data_error(tmp_path):
+    with pytest.raises(DataError, match="train.json not found"):
+        get_source("chaoyang").list(tmp_path)
+    (tmp_path / "train.json").write_text("{not json")
+    with pytest.raises(DataError, match="train.json is not valid JSON"):
+        get_source("chaoyang").list(tmp_path)
+    (tmp_path / "train.json").write_text(json.dumps({"name": "a"}))
+    with pytest.raises(DataError, match="must hold a JSON list"):
         get_source("chaoyang").list(tmp_path)
 
 
@@ -312,12 +336,12 @@ def test_csv_int_labels_id_col_and_csv_input(tmp_path):
 
 def test_csv_errors(tmp_path):
     (tmp_path / "labels.csv").write_text("path,label\na.png,0\n../secret.png,1\n")
-    with pytest.raises(ValueError, match=r"labels.csv line 3: path '../secret.png' escapes"):
+    with pytest.raises(DataError, match=r"labels.csv line 3: path '../secret.png' escapes"):
         get_source("csv").list(tmp_path)
     (tmp_path / "labels.csv").write_text("file,label\na.png,0\n")
-    with pytest.raises(ValueError, match="has no column path .*path_col"):
+    with pytest.raises(DataError, match="has no column path .*path_col"):
         get_source("csv").list(tmp_path)
-    with pytest.raises(ValueError, match="not found"):
+    with pytest.raises(DataError, match="not found"):
         get_source("csv").list(tmp_path / "sub")
 
 
@@ -335,3 +359,5 @@ def test_synthetic_listing():
     assert again.train == listing.train                   # deterministic listing
     three = get_source("synthetic").list("", count="9", num_classes="3", test_count=0)
     assert three.classes == ["c0", "c1", "c2"] and len(three.train) == 9
+    with pytest.raises(UsageError, match="num_classes >= 2"):
+        get_source("synthetic").list("", num_classes=1)

@@ -3,7 +3,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from histofold import submission
+from histofold import io, submission
+from histofold.errors import DataError, UsageError
 
 
 def _preds(ids, P, classes):
@@ -51,7 +52,7 @@ def test_multiclass_probs_follow_sample_header(tmp_path):
 
 def test_missing_prediction_names_the_ids():
     preds = _preds(["a"], [[0.5, 0.5]], ["0", "1"])
-    with pytest.raises(ValueError, match=r"1 of 2 submission ids have no prediction \(e\.g\. b\)"):
+    with pytest.raises(DataError, match=r"1 of 2 submission ids have no prediction \(e\.g\. b\)"):
         submission.make_submission(preds, class_names=["0", "1"], sample_submission=None, test_ids=["a", "b"])
 
 
@@ -67,17 +68,49 @@ def _sub(ids, values):
     (_sub(["a", "b", "c"], [0.1, 1.2, -0.1]), r"2 values of label outside \[0, 1\]"),
 ])
 def test_validation_catches(sub, message):
-    with pytest.raises(ValueError, match=message) as err:
+    with pytest.raises(DataError, match=message) as err:
         submission.validate_submission(sub, expected_ids=["a", "b", "c"], num_classes=2, output="label")
     assert "\n" not in str(err.value)
 
 
 def test_validation_reports_every_problem_at_once_and_passes_valid():
     bad = _sub(["a", "a", "z"], [0.1, 0.2, 0.3])
-    with pytest.raises(ValueError, match=r"2 missing ids \(e\.g\. b, c\); 1 extra ids \(e\.g\. z\); 1 duplicated"):
+    with pytest.raises(DataError, match=r"2 missing ids \(e\.g\. b, c\); 1 extra ids \(e\.g\. z\); 1 duplicated"):
         submission.validate_submission(bad, expected_ids=["a", "b", "c"], num_classes=2)
     submission.validate_submission(_sub(["c", "a", "b"], [0.0, 1.0, 0.5]), expected_ids=["a", "b", "c"],
                                    num_classes=2)
     probs = pd.DataFrame({"id": ["a"], "x": [0.2], "y": [0.8]})
-    with pytest.raises(ValueError, match="2 value columns, expected 3"):
+    with pytest.raises(DataError, match="2 value columns, expected 3"):
         submission.validate_submission(probs, expected_ids=["a"], num_classes=3, output="probs")
+
+
+def test_usage_and_data_errors():
+    preds = _preds(["a"], [[0.5, 0.5]], ["0", "1"])
+    with pytest.raises(UsageError, match="--format='csv'"):
+        submission.make_submission(preds, class_names=["0", "1"], sample_submission=None, test_ids=["a"],
+                                   output="csv")
+    with pytest.raises(DataError, match=r"lack columns \['p_2'\]"):
+        submission.make_submission(preds, class_names=["0", "1", "2"], sample_submission=None, test_ids=["a"])
+    with pytest.raises(DataError, match="repeat ids"):
+        submission.make_submission(pd.concat([preds, preds]), class_names=["0", "1"], sample_submission=None,
+                                   test_ids=["a"])
+
+
+def test_sample_submission_needs_a_value_column(tmp_path):
+    sample = tmp_path / "s.csv"
+    pd.DataFrame({"id": ["a"]}).to_csv(sample, index=False)
+    with pytest.raises(DataError, match="s.csv: a sample submission needs an id column"):
+        submission.make_submission(_preds(["a"], [[0.5, 0.5]], ["0", "1"]), class_names=["0", "1"],
+                                   sample_submission=str(sample))
+
+
+def test_sample_submission_is_read_through_io_on_ram_filesystem():
+    path = "ram://histofold-test-submission/sample_submission.csv"
+    io.write_csv(path, pd.DataFrame({"id": ["002", "001"], "label": [0, 0]}))
+    try:
+        preds = _preds(["001", "002"], [[0.9, 0.1], [0.3, 0.7]], ["0", "1"])
+        sub = submission.make_submission(preds, class_names=["0", "1"], sample_submission=path)
+        assert sub["id"].tolist() == ["002", "001"]
+        np.testing.assert_allclose(sub["label"], [0.7, 0.1])
+    finally:
+        io.rmtree("ram://histofold-test-submission")

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from histofold import tta
+from histofold import imageops, tta
 
 
 @pytest.fixture
@@ -14,28 +14,16 @@ def batch():
     return np.random.default_rng(0).random((3, 6, 6, 3)).astype(np.float32)  # no symmetry
 
 
-def test_eight_transforms_are_the_distinct_elements_of_d4(batch):
-    outs = [tta.dihedral_batch(batch, k).numpy() for k in tta.TTA_TRANSFORMS]
+def test_tta_uses_the_one_d4(batch):
+    """TTA averages over imageops' D4: 8 distinct transforms, the same ones augmentation draws from."""
+    outs = [imageops.dihedral(batch, k).numpy() for k in tta.tta_subset(8)]
     for a, b in itertools.combinations(range(8), 2):
         assert not np.allclose(outs[a], outs[b]), (a, b)
-    np.testing.assert_array_equal(outs[0], batch)
     # D4 built independently: 4 rotations of the image and of its mirror image, per image
     group = [np.rot90(m, r, axes=(1, 2)) for m in (batch, batch[:, :, ::-1]) for r in range(4)]
     assert all(any(np.array_equal(o, g) for g in group) for o in outs)
-
-
-def test_named_transforms(batch):
-    np.testing.assert_array_equal(tta.dihedral_batch(batch, tta.HFLIP).numpy(), batch[:, :, ::-1])
-    np.testing.assert_array_equal(tta.dihedral_batch(batch, tta.VFLIP).numpy(), batch[:, ::-1])
-    np.testing.assert_array_equal(tta.dihedral_batch(batch, tta.ROT180).numpy(), batch[:, ::-1, ::-1])
-
-
-def test_numpy_and_augment_versions_agree(batch):
-    augment = pytest.importorskip("histofold.augment")
-    for k in tta.TTA_TRANSFORMS:
-        ref = tta.dihedral_batch(batch, k).numpy()
-        np.testing.assert_array_equal(tta.dihedral_numpy(batch, k), ref)
-        np.testing.assert_array_equal(augment.dihedral(batch[1], k).numpy(), ref[1])  # one image
+    assert tta.tta_subset(2) == [0, imageops.HFLIP]
+    assert not any(imageops.swaps_hw(k) for k in tta.tta_subset(4))
 
 
 def test_tta_subsets():
@@ -72,8 +60,8 @@ def test_invariant_model_same_with_and_without_tta():
     x = np.random.default_rng(1).normal(size=(10, 6, 6, 3)).astype(np.float32)
     ds, ids = _dataset(x)
     model = _invariant_model()
-    got_ids, labels, p8 = tta.predict_tta(model, ds, n=8, verbose=False, return_labels=True)
-    _, p1 = tta.predict_tta(model, ds, n=1, verbose=False)
+    got_ids, labels, p8 = tta.predict_tta(model, ds, n=8, verbose=False)
+    _, _, p1 = tta.predict_tta(model, ds, n=1, verbose=False)
     assert list(got_ids) == ids and labels.tolist() == [i % 2 for i in range(10)]
     assert p8.shape == (10, 1) and p8.dtype == np.float32
     np.testing.assert_allclose(p8, p1, atol=1e-6)
@@ -84,10 +72,13 @@ def test_position_model_changes_and_equals_manual_mean():
     x = np.random.default_rng(2).normal(size=(10, 6, 6, 3)).astype(np.float32)
     ds, _ = _dataset(x)
     model = _position_model()
-    _, p1 = tta.predict_tta(model, ds, n=1, verbose=False)
-    _, p4 = tta.predict_tta(model, ds, n=4, verbose=False)
+    _, _, p1 = tta.predict_tta(model, ds, n=1, verbose=False)
+    _, _, p4 = tta.predict_tta(model, ds, n=4, verbose=False)
     assert np.abs(p4 - p1).max() > 1e-3
-    manual = np.mean([model.predict(tta.dihedral_numpy(x, k), verbose=0) for k in tta.tta_subset(4)], axis=0)
+    numpy_d4 = {0: lambda a: a, imageops.ROT180: lambda a: a[:, ::-1, ::-1], imageops.HFLIP: lambda a: a[:, :, ::-1],
+                imageops.VFLIP: lambda a: a[:, ::-1]}  # written out by hand, independent of imageops
+    manual = np.mean([model.predict(np.ascontiguousarray(numpy_d4[k](x)), verbose=0) for k in tta.tta_subset(4)],
+                     axis=0)
     np.testing.assert_allclose(p4, manual, atol=1e-6)
 
 
@@ -96,7 +87,7 @@ def test_non_square_images_need_shape_keeping_tta():
     model = keras.Model(inp, keras.layers.Dense(1, activation="sigmoid")(keras.layers.Flatten()(inp)))
     x = np.zeros((2, 4, 6, 3), np.float32)
     ds = tf.data.Dataset.from_tensor_slices((x, np.zeros(2, np.int32), ["a", "b"])).batch(2)
-    assert tta.predict_tta(model, ds, n=4, verbose=False)[1].shape == (2, 1)
+    assert tta.predict_tta(model, ds, n=4, verbose=False)[2].shape == (2, 1)
     with pytest.raises(ValueError, match="square images"):
         tta.predict_tta(model, ds, n=8, verbose=False)
 
