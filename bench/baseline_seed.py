@@ -92,11 +92,12 @@ def seed_cnn(input_shape: tuple[int, int, int], num_classes: int = 2):
 
 def run_baseline(*, train_dir: str, test_dir: str | None = None, train_labels: str | None = None,
                  test_labels: str | None = None, epochs: int = 5, batch_size: int = 64,
-                 seed: int = 0) -> dict:
+                 seed: int = 0, more_test_dirs: tuple = ()) -> dict:
     """Trains the seed CNN on train_dir and returns {auc, seconds, n_train, n_val, n_test, ...}.
 
     `auc` is P(class 1) scored on test_dir when given, else on the 20% split. A CSV label file
-    switches that directory to the Kaggle HCD layout (`<id>.tif` + `id,label`).
+    switches that directory to the Kaggle HCD layout (`<id>.tif` + `id,label`). `more_test_dirs`:
+    further class-per-folder test sets, scored by the same model into `aucs` {dir: auc}.
     """
     import keras
 
@@ -121,6 +122,10 @@ def run_baseline(*, train_dir: str, test_dir: str | None = None, train_labels: s
         result.update(auc=_auc(yt, p), n_test=int(len(xt)))
     else:
         result.update(auc=result["val_auc"], n_test=0)
+    result["aucs"] = {}
+    for extra in more_test_dirs:
+        xt, yt, _ = load_labeled("folders", image_dir=extra)
+        result["aucs"][extra] = _auc(yt, model.predict(xt.astype(np.float32) / 255.0, verbose=0)[:, 1])
     result.update(seconds=round(time.time() - start, 1), epochs=epochs, seed=seed)
     return result
 

@@ -31,7 +31,7 @@ def main() -> None:
     step("prepare_tfrecords.py", as_flags(recipe["prepare"]) + ["--overwrite"])
     step("train.py", as_flags(recipe["train"]) + ["--name=demo", "--overwrite"])
     step("predict.py", as_flags(recipe["predict"]) + ["--runs=runs/demo", "--name=demo"])
-    step("evaluate.py", ["--runs=runs/demo", "--name=demo", "--oof=oof_tta8.csv"])
+    step("evaluate.py", ["--runs=runs/demo", "--name=demo", "--oof_file=oof_tta8.csv"])
     with open(os.path.join(WORK, "reports", "demo", "metrics.json")) as f:
         metrics = json.load(f)
     cv = metrics.get("overall", {}).get("auc")

@@ -146,7 +146,7 @@ def bench_readers(items, *, tmp: Path, epochs: int, seed: int) -> list[tuple[str
     for encoding in records.ENCODINGS:
         out = tmp / f"tfrec_{encoding}"
         write_tfrecords(arrays, labels, out=out, encoding=encoding)
-        for preset in ("dihedral", "strong"):
+        for preset in ("dihedral", "light", "stain", "strong"):
             ds = data.make_dataset(str(out), training=True, batch_size=BATCH, augment=preset, seed=seed)
             rows.append((f"histofold {encoding:4s} {preset}", rate(ds, images=epochs * n, batch=BATCH)))
         ds = data.make_dataset(str(out), training=True, batch_size=BATCH, augment="dihedral", seed=seed)

@@ -1,12 +1,15 @@
-"""Quality bar: run a recipe end to end through the real scripts, score its test AUC, beside the seed baseline.
+"""Quality bar: run a recipe end to end through the real scripts and score it on TWO held-out splits,
+beside the seed-style baseline on the same splits.
 
-    python bench/quality.py                               # pcam_jpeg: train/ -> folds, valid/ -> test
-    python bench/quality.py --source=hcd --input=DIR --solution=solution.csv   # Kaggle layout
+    python bench/quality.py                    # pcam_jpeg/train -> folds; valid (test shards) + pcam_test_jpeg (--input)
+    python bench/quality.py --seeds=0,1        # the recipe's spread over seeds
+    python bench/quality.py --source=hcd --input=DIR --solution=solution.csv   # Kaggle layout, scored as Kaggle does
 
-Prints the suite's test ROC AUC (after TTA and fold ensembling) and wall time, the seed-style
-baseline's (plain seed-001 CNN, PIL arrays, random 80/20 split, no augmentation/TTA/folds) on the same
-data, and the submission's path on a line of its own as `submission: PATH`. With --solution the score
-is Kaggle's: ROC AUC of the submission's `label` column against the solution's, joined on id.
+Every recipe decision is made on both columns (PCam's valid split, whose slides the old recipe was tuned
+on, and PCam's test split, slides never used for tuning), never on one. The PCam test split goes
+through `predict.py --input`, so the new-image path (PixelFormat + the one resize) is what is scored.
+Prints one line per set and the mean, the wall time and the load, and the submission's path on a line
+of its own as `submission: PATH`.
 """
 from __future__ import annotations
 
@@ -19,30 +22,47 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-DEFAULT_PCAM = os.path.join(os.path.dirname(ROOT), "shared", "data", "pcam_jpeg")
+DATA = os.path.join(os.path.dirname(ROOT), "shared", "data")
+DEFAULT_TRAIN = os.path.join(DATA, "pcam_jpeg", "train")
+DEFAULT_VALID = os.path.join(DATA, "pcam_jpeg", "valid")
+DEFAULT_TEST = os.path.join(DATA, "pcam_test_jpeg")
 
 
-def run_script(script: str, flags: list[str], *, cwd: str) -> None:
+def run_script(script: str, flags: list[str], *, cwd: str) -> dict:
+    """Run one script; its output goes to stderr. Returns the `key: value` summary it printed."""
     print(f"$ python {script} {' '.join(flags)}", file=sys.stderr, flush=True)
-    # the scripts' own output goes to stderr: stdout keeps only the result table and the one
-    # `submission: PATH` line (predict.py prints a relative `submission:` of its own)
-    subprocess.run([sys.executable, os.path.join(ROOT, script), *flags], cwd=cwd, check=True,
-                   stdout=sys.stderr)
+    out = subprocess.run([sys.executable, os.path.join(ROOT, script), *flags], cwd=cwd, check=True,
+                         stdout=subprocess.PIPE, text=True)
+    sys.stderr.write(out.stdout)
+    summary = {}
+    for line in out.stdout.splitlines():
+        key, sep, value = line.partition(": ")
+        if sep and " " not in key:
+            summary[key] = value
+    return summary
 
 
-def run_suite(*, recipe: str, source: str, input: str, test_input: str, workdir: str) -> dict:
-    """prepare -> train (all folds) -> predict through the scripts; returns submission path and timings."""
+def run_suite(*, recipe: str, source: str, input: str, test_input: str, extra_test: str, workdir: str,
+              seed: int) -> dict:
+    """prepare -> train -> predict (test shards) [-> predict --input=extra_test] through the scripts."""
     from histofold.presets import as_flags, get_recipe
 
     steps = get_recipe(recipe)
     data_flags = [f"--source={source}", f"--input={input}"] + ([f"--test_input={test_input}"] if test_input else [])
     t0 = time.time()
     run_script("prepare_tfrecords.py", data_flags + as_flags(steps["prepare"]) + ["--overwrite"], cwd=workdir)
-    run_script("train.py", as_flags(steps["train"]) + ["--name=quality", "--overwrite"], cwd=workdir)
-    run_script("predict.py", as_flags(steps["predict"]) + ["--runs=runs/quality", "--name=quality"], cwd=workdir)
-    return {"submission": os.path.join(workdir, "submissions", "quality.csv"),
-            "probs": os.path.join(workdir, "submissions", "quality_probs.csv"),
-            "seconds": time.time() - t0}
+    run_script("train.py", as_flags(steps["train"]) + [f"--name=quality{seed}", f"--seed={seed}", "--overwrite"],
+               cwd=workdir)
+    predict_flags = as_flags(steps["predict"]) + [f"--runs=runs/quality{seed}", f"--name=quality{seed}"]
+    test = run_script("predict.py", predict_flags, cwd=workdir)
+    out = {"submission": os.path.join(workdir, "submissions", f"quality{seed}.csv"),
+           "probs": os.path.join(workdir, "submissions", f"quality{seed}_probs.csv"), "test": test}
+    if extra_test:
+        extra = run_script("predict.py", predict_flags + [f"--input={extra_test}",
+                                                          f"--predictions=extra{seed}.csv"], cwd=workdir)
+        out["extra_auc"] = float(extra["input_auc"])
+    out["seconds"] = time.time() - t0
+    return out
 
 
 def score(*, probs_csv: str, submission_csv: str, solution: str | None) -> float:
@@ -63,56 +83,82 @@ def score(*, probs_csv: str, submission_csv: str, solution: str | None) -> float
     return float(roc_auc_score(probs["label"], probs.filter(like="p_").iloc[:, -1]))
 
 
-def run_seed_baseline(*, source: str, input: str, test_input: str, solution: str | None, epochs: int) -> dict:
+def run_seed_baseline(*, source: str, input: str, test_input: str, extra_test: str, solution: str | None,
+                      epochs: int) -> dict:
     sys.path.insert(0, os.path.join(ROOT, "bench"))
     from baseline_seed import run_baseline
 
+    extra = (extra_test,) if extra_test else ()
     if source == "hcd":
         return run_baseline(train_dir=os.path.join(input, "train"),
                             train_labels=os.path.join(input, "train_labels.csv"),
-                            test_dir=os.path.join(input, "test"), test_labels=solution, epochs=epochs)
+                            test_dir=os.path.join(input, "test"), test_labels=solution, epochs=epochs,
+                            more_test_dirs=extra)
     if source == "folder":
-        return run_baseline(train_dir=input, test_dir=test_input or None, epochs=epochs)
+        return run_baseline(train_dir=input, test_dir=test_input or None, epochs=epochs, more_test_dirs=extra)
     raise ValueError(f"the seed baseline reads folder or hcd layouts, not --source={source}")
 
 
-def main(*, source="folder", input="", test_input="", solution="", recipe="pcam-cpu", workdir="",
-         baseline=True, baseline_epochs=5):
-    """Run `recipe` end to end and the seed-style baseline on the same data; print both AUCs and times.
+def main(*, source="folder", input="", test_input="", extra_test="", solution="", recipe="pcam-cpu",
+         workdir="", seeds="0", baseline=True, baseline_epochs=5):
+    """Run `recipe` end to end (per seed) and the seed-style baseline on the same sets; print AUCs and times.
 
     Args:
         source: folder (class-per-folder train tree + --test_input tree) or hcd (Kaggle layout).
-        input: the dataset; default ../shared/data/pcam_jpeg/train with test_input .../valid.
-        test_input: folder source: the labeled test tree.
+        input: the training data; default ../shared/data/pcam_jpeg/train, with --test_input
+            .../pcam_jpeg/valid and --extra_test ../shared/data/pcam_test_jpeg.
+        test_input: folder source: the labeled tree written as test shards.
+        extra_test: a second labeled class-per-folder test set, predicted with predict.py --input.
         solution: hcd: an id,label CSV of the test images' labels (scored as Kaggle scores).
         recipe: a histofold.presets recipe name.
         workdir: where tfrecords/, runs/ and submissions/ go (default a temp dir, kept).
+        seeds: comma list of training seeds; with two or more the spread is printed.
         baseline: also run the seed-style baseline.
         baseline_epochs: epochs of the baseline.
     """
     if not input:
-        input, test_input = os.path.join(DEFAULT_PCAM, "train"), os.path.join(DEFAULT_PCAM, "valid")
+        input, test_input = DEFAULT_TRAIN, DEFAULT_VALID
+        extra_test = extra_test or DEFAULT_TEST
     if source == "hcd" and not solution:
         raise ValueError("--source=hcd needs --solution=CSV (id,label of the test images) to score")
+    seeds = [int(s) for s in str(seeds).replace("(", "").replace(")", "").split(",") if str(s).strip()]
     workdir = workdir or tempfile.mkdtemp(prefix="histofold-quality-")
     os.makedirs(workdir, exist_ok=True)
-    suite = run_suite(recipe=recipe, source=source, input=input, test_input=test_input, workdir=workdir)
-    suite_auc = score(probs_csv=suite["probs"], submission_csv=suite["submission"], solution=solution or None)
-    result = {"recipe": recipe, "suite_auc": round(suite_auc, 4), "suite_seconds": round(suite["seconds"], 1)}
+    names = [os.path.relpath(test_input or os.path.join(input, "test"), DATA)] + (
+        [os.path.relpath(extra_test, DATA)] if extra_test else [])
+    rows, load0 = [], os.getloadavg()[0]
+    for seed in seeds:
+        suite = run_suite(recipe=recipe, source=source, input=input, test_input=test_input, extra_test=extra_test,
+                          workdir=workdir, seed=seed)
+        aucs = [score(probs_csv=suite["probs"], submission_csv=suite["submission"], solution=solution or None)]
+        if extra_test:
+            aucs.append(suite["extra_auc"])
+        rows.append({"seed": seed, "aucs": aucs, "seconds": suite["seconds"], "submission": suite["submission"]})
+    load = (load0 + os.getloadavg()[0]) / 2
+    base = None
     if baseline:
-        base = run_seed_baseline(source=source, input=input, test_input=test_input, solution=solution or None,
-                                 epochs=int(baseline_epochs))
-        result.update(baseline_auc=base["auc"], baseline_seconds=base["seconds"])
-    print("\n=== quality: " + json.dumps({"input": input, "test_input": test_input, "solution": solution}))
-    print(f"{'':10s} {'test ROC AUC':>13s} {'wall s':>8s}")
-    print(f"{'histofold':10s} {result['suite_auc']:13.4f} {result['suite_seconds']:8.0f}   (recipe {recipe}, "
-          f"TTA + fold ensemble)")
-    if baseline:
-        b_auc = result["baseline_auc"]
-        print(f"{'baseline':10s} {b_auc if b_auc is not None else float('nan'):13.4f} "
-              f"{result['baseline_seconds']:8.0f}   (seed-001 CNN, PIL, random 80/20, no aug/TTA/folds)")
-    print(f"submission: {suite['submission']}")
-    return result
+        base = run_seed_baseline(source=source, input=input, test_input=test_input, extra_test=extra_test,
+                                 solution=solution or None, epochs=int(baseline_epochs))
+    print("\n=== quality: " + json.dumps({"recipe": recipe, "input": input, "seeds": seeds}))
+    print(f"{'test set':34s} {'histofold':>10s} {'baseline':>9s}")
+    base_aucs = [] if base is None else [base["auc"]] + [base["aucs"][extra_test]] * bool(extra_test)
+    import numpy as np
+
+    suite_means = [float(np.mean([r["aucs"][i] for r in rows])) for i in range(len(names))]
+    for i, name in enumerate(names):
+        per_seed = " ".join(f"{r['aucs'][i]:.4f}" for r in rows)
+        b = f"{base_aucs[i]:9.4f}" if base_aucs else ""
+        print(f"{name:34s} {suite_means[i]:10.4f} {b}" + (f"   (seeds: {per_seed})" if len(rows) > 1 else ""))
+    mean_b = f"{float(np.mean(base_aucs)):9.4f}" if base_aucs else ""
+    print(f"{'mean':34s} {float(np.mean(suite_means)):10.4f} {mean_b}")
+    if len(rows) > 1:
+        spread = [float(np.mean(r["aucs"])) for r in rows]
+        print(f"seed spread of the mean AUC: {min(spread):.4f}..{max(spread):.4f} (sd {np.std(spread, ddof=1):.4f})")
+    print(f"wall time per seed (prepare + train + predict): "
+          + ", ".join(f"{r['seconds']:.0f} s" for r in rows) + f"; load avg {load:.1f}"
+          + (f"; baseline {base['seconds']:.0f} s" if base else ""))
+    print(f"submission: {rows[-1]['submission']}")
+    return {"suite": suite_means, "baseline": base_aucs, "seconds": [r["seconds"] for r in rows]}
 
 
 if __name__ == "__main__":
