@@ -10,15 +10,79 @@ keeps its traceback.
 """
 from __future__ import annotations
 
+import contextlib
+import importlib.abc
+import importlib.machinery
 import inspect
 import logging
 import os
+import re
 import sys
+import tempfile
 
 # TensorFlow reads this when it is imported; the scripts import this module first.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from histofold.errors import UsageError  # noqa: E402
+
+# absl's pre-InitializeLog lines, which TensorFlow 2.21 writes at import whatever TF_CPP_MIN_LOG_LEVEL says
+# (abseil-cpp PR #1957, open): the warning itself and INFO lines such as "I0000 ... port.cc:153] oneDNN ...".
+NATIVE_NOISE = re.compile(rb"^(WARNING: All log messages before absl::InitializeLog\(\) is called are written to "
+                          rb"STDERR|I\d{4} \d\d:\d\d:\d+\.\d+ +\d+ [\w.]+:\d+\] )")
+
+
+@contextlib.contextmanager
+def native_stderr_filtered():
+    """File descriptor 2 goes to a temporary file inside the block; afterwards every line but absl's INFO
+    noise is written back to stderr (warnings and errors of the block are kept, in order)."""
+    sys.stderr.flush()
+    try:
+        saved = os.dup(2)
+    except OSError:  # no stderr descriptor (embedded interpreters)
+        yield
+        return
+    with tempfile.TemporaryFile() as buffer:
+        os.dup2(buffer.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            buffer.seek(0)
+            kept = b"".join(line for line in buffer if not NATIVE_NOISE.match(line))
+            if kept:
+                sys.stderr.buffer.write(kept) if hasattr(sys.stderr, "buffer") else sys.stderr.write(kept.decode())
+                sys.stderr.flush()
+
+
+class _QuietTensorFlowImport(importlib.abc.MetaPathFinder):
+    """Wraps the first `import tensorflow` in `native_stderr_filtered`, wherever in the package it happens
+    (TensorFlow stays a lazy import: prepare forks its workers before it)."""
+
+    def find_spec(self, name, path=None, target=None):
+        if name != "tensorflow":
+            return None
+        with contextlib.suppress(ValueError):
+            sys.meta_path.remove(self)
+        spec = importlib.machinery.PathFinder.find_spec(name, path)
+        if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
+            return spec
+        exec_module = spec.loader.exec_module
+
+        def quiet_exec(module):
+            with native_stderr_filtered():
+                exec_module(module)
+
+        spec.loader.exec_module = quiet_exec
+        return spec
+
+
+def quiet_tensorflow_import() -> None:
+    """Filter absl's import-time INFO lines out of stderr (no-op once TensorFlow is imported)."""
+    if "tensorflow" not in sys.modules and not any(isinstance(f, _QuietTensorFlowImport) for f in sys.meta_path):
+        sys.meta_path.insert(0, _QuietTensorFlowImport())
+
 
 TABLE_KEYS = ("fold", "roc_auc", "accuracy", "macro_f1", "best_monitor", "epochs_run", "n_oof", "run_dir")
 LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
@@ -125,6 +189,8 @@ def run_cli(main, *, extra_flags=(), aliases=None, argv=None) -> None:
 
         config = CONFIGS.get(os.path.splitext(script)[0])
         aliases = tuple(config.ALIASES) if config is not None else ()
+    if not any(a.replace("-", "_") in ("--log_level=debug", "--log_level=DEBUG") for a in argv):
+        quiet_tensorflow_import()
     try:
         check_argv(main, argv, extra_flags=extra_flags, aliases=aliases)
 

@@ -84,3 +84,23 @@ def test_check_argv_accepts_fire_forms():
 def test_summary_is_printed_once_compactly():
     text = cli.format_summary({"auc": 0.912345678901, "paths": ["a"] * 20, "n": 3})
     assert text == "auc: 0.9123\npaths: [20 items]\nn: 3"
+
+
+def test_native_absl_noise_is_filtered_and_everything_else_kept(capfd):
+    noise = (b"WARNING: All log messages before absl::InitializeLog() is called are written to STDERR\n"
+             b"I0000 00:00:1796472217.674360    7068 port.cc:153] oneDNN custom operations are on.\n")
+    with cli.native_stderr_filtered():
+        os.write(2, noise + b"E0000 a real native error\n")
+        print("a python warning", file=sys.stderr)
+    err = capfd.readouterr().err
+    assert "absl::InitializeLog" not in err and "oneDNN" not in err
+    assert "E0000 a real native error" in err and "a python warning" in err
+
+
+def test_scripts_print_no_tensorflow_import_noise(tmp_path):
+    """TF 2.21 ignores TF_CPP_MIN_LOG_LEVEL for its import-time absl lines; a script must not show them."""
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "prepare_tfrecords.py"), "--count=40", "--test_count=8",
+                          "--image_size=16", "--folds=2"], cwd=tmp_path, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert (tmp_path / "tfrecords" / "manifest.json").exists()  # shards were written: TensorFlow was imported
+    assert "oneDNN" not in out.stderr and "absl::InitializeLog" not in out.stderr, out.stderr
