@@ -16,19 +16,31 @@ Rules every adapter keeps:
 - every input it sees ends in exactly one of train, test, rejects (`meta["inputs"]` counts them);
   inputs it deliberately leaves out (other classes, non-image files) are counted in `meta["skipped"]`;
 - ids are unique across train and test (a repeat is rejected as "duplicate id");
-- a labeled item with an invalid label, a missing or a zero-byte file is rejected, not an error;
-- a path in a label file (CSV, JSON) that escapes the dataset root is a ValueError naming the file
-  and row: it is a broken or hostile label file, not a bad image;
+- a labeled item with an invalid label, a missing or a zero-byte file, a broken symlink or a symlink
+  loop is rejected, not an error; a Kaggle HCD train image without a label row is rejected
+  ("no label row");
+- one id repeated in a label file: copies with the same label (and path) keep the first and are counted
+  (`meta["label_files"][file]["identical_duplicates"]`); copies with different labels are all rejected as
+  "conflicting labels" and listed in `Listing.label_conflicts` (prepare's --strict_labels fails on them);
+- a path in a label file (CSV, JSON) that escapes the dataset root, lexically (../, absolute) or through a
+  symlink (real paths are compared), is a DataError naming the file and row: it is a broken or hostile
+  label file, not a bad image; a label file that is not text (UTF-8, or UTF-16/32 with a BOM) or not
+  valid CSV/JSON is a DataError naming the file;
+- what a user should know but that is no error (an empty class folder, the test order used without
+  sample_submission.csv) is a line in `meta["warnings"]`, which prepare logs and puts in its summary;
 - relative path options (test_input=, csv=, groups=, ...) are looked up under the input directory
   first, then the current directory.
 - `meta["test_labeled"]` says whether the test items carry real labels.
 """
 from __future__ import annotations
 
+import csv as csvlib
+import errno
+import io
 import json
 import os
 import re
-from csv import DictReader
+import stat
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -56,6 +68,7 @@ class Listing:
     rejects: list[dict] = field(default_factory=list)  # {"id", "path", "reason"}: found while listing
     sample_submission: str | None = None  # path of the dataset's sample_submission.csv, if any
     meta: dict = field(default_factory=dict)  # anything worth recording in the manifest
+    label_conflicts: list[dict] = field(default_factory=list)  # {"file", "id", "labels", "where"} per id
 
 
 @dataclass(frozen=True)
@@ -81,6 +94,7 @@ class _Collector:
 
     def __init__(self):
         self.train, self.test, self.rejects, self.ids = [], [], [], set()
+        self.conflicts, self.label_files, self.warnings = [], {}, []
 
     def add(self, item: Item) -> None:
         if item.id in self.ids:
@@ -89,10 +103,13 @@ class _Collector:
         self.ids.add(item.id)
         (self.test if item.split == "test" else self.train).append(item)
 
-    def add_file(self, item: Item, size: int | None) -> None:
-        """Add a file-backed item, rejecting it when the file is missing (size None) or empty."""
+    def add_file(self, item: Item, size: int | str | None) -> None:
+        """Add a file-backed item; `size` is its size in bytes, or why it cannot be read (see _file_size),
+        None for a missing file. Unreadable and empty files are rejected."""
         if size is None:
             self.reject(item.id, item.path, "missing file")
+        elif isinstance(size, str):
+            self.reject(item.id, item.path, size)
         elif size == 0:
             self.reject(item.id, item.path, "zero-byte file")
         else:
@@ -104,16 +121,68 @@ class _Collector:
     def listing(self, classes: list[str], **kwargs) -> Listing:
         meta = kwargs.pop("meta", {})
         meta["inputs"] = len(self.train) + len(self.test) + len(self.rejects)
+        if self.label_files:
+            meta["label_files"] = self.label_files
+        if self.warnings:
+            meta["warnings"] = list(self.warnings)
         return Listing(classes=list(classes), train=self.train, test=self.test, rejects=self.rejects,
-                       meta=meta, **kwargs)
+                       meta=meta, label_conflicts=self.conflicts, **kwargs)
 
 
-def _file_size(path: str) -> int | None:
-    """Size in bytes; None when there is no such file."""
+def _unique_labels(out: _Collector, entries: list[dict], *, file: str) -> list[dict]:
+    """The entries of one label file with repeated ids settled, in file order.
+
+    Each entry is {"id", "path", "label" (what is compared: the parsed label or the raw text), "where"}.
+    Copies of an id with one label and one path: the first is kept, the rest counted as identical
+    duplicates. Copies with different labels: every copy is rejected as "conflicting labels" and the id
+    goes into `out.conflicts`. Copies with one label but different files stay (out.add rejects the later
+    ones as "duplicate id")."""
+    copies: dict[str, list[dict]] = {}
+    for e in entries:
+        copies.setdefault(e["id"], []).append(e)
+    stats = {"rows": len(entries), "identical_duplicates": 0, "conflicting_ids": 0, "conflicting_rows": 0}
+    kept = []
+    for e in entries:
+        group = copies[e["id"]]
+        if len(group) == 1:
+            kept.append(e)
+        elif e is group[0]:
+            labels = list(dict.fromkeys(str(c["label"]) for c in group))
+            if len(labels) > 1:
+                for c in group:
+                    out.reject(c["id"], c["path"], "conflicting labels")
+                out.conflicts.append({"file": file, "id": e["id"], "labels": labels,
+                                      "where": [c["where"] for c in group]})
+                stats["conflicting_ids"] += 1
+                stats["conflicting_rows"] += len(group)
+            elif len({c["path"] for c in group}) == 1:
+                kept.append(e)
+                stats["identical_duplicates"] += len(group) - 1
+            else:
+                kept.extend(group)
+    out.label_files[file] = stats
+    return kept
+
+
+def _file_size(path: str) -> int | str | None:
+    """Size in bytes of a file (symlinks followed); None when there is no such file; a reject reason
+    when the path is a broken symlink, a symlink loop or not a regular file."""
     try:
-        return os.stat(path).st_size if os.path.isfile(path) else None
-    except OSError:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return "broken symlink" if os.path.islink(path) else None
+    except OSError as e:
+        return _os_reason(e)
+    except ValueError:  # a NUL byte in the path
         return None
+    return st.st_size if stat.S_ISREG(st.st_mode) else "not a regular file"
+
+
+def _os_reason(e: OSError) -> str:
+    """A short reject reason for an OSError met while listing (ELOOP is the one that matters)."""
+    if e.errno == errno.ELOOP:
+        return "symlink loop"
+    return f"unreadable ({e.strerror or e})"
 
 
 def _resolve(path: str, base: str) -> str:
@@ -124,14 +193,47 @@ def _resolve(path: str, base: str) -> str:
     return under if os.path.exists(under) else path
 
 
+def _under(path: str, root: str) -> bool:
+    return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
+
+
+class _Root:
+    """A dataset root that the paths in a label file must stay inside, lexically and once symlinks are
+    resolved (os.path.realpath); real parent directories are cached, so Kaggle HCD's 220k ids cost one
+    lstat each."""
+
+    def __init__(self, root: str):
+        self.path = os.path.abspath(root)
+        self.real = os.path.realpath(self.path)
+        self._real_dirs: dict[str, str] = {}
+
+    def join(self, rel: str, *, where: str) -> str:
+        """root/rel (normalized, not resolved), or DataError naming `where` when it escapes the root."""
+        if "\0" in rel:
+            raise DataError(f"{where}: path {rel!r} holds a NUL byte; fix or remove the entry")
+        full = os.path.normpath(os.path.join(self.path, rel))
+        if not _under(full, self.path):
+            raise DataError(f"{where}: path {rel!r} escapes the dataset root {self.path}; "
+                            "label files may only name files inside it (fix or remove the entry)")
+        real = self._realpath(full)
+        if not _under(real, self.real):
+            raise DataError(f"{where}: path {rel!r} is a symlink to {real}, outside the dataset root {self.real}; "
+                            "label files may only name files inside it (replace the link with the file, or "
+                            "pass the folder that holds the real files as --input)")
+        return full
+
+    def _realpath(self, path: str) -> str:
+        if os.path.islink(path):
+            return os.path.realpath(path)
+        parent = os.path.dirname(path)
+        if parent not in self._real_dirs:
+            self._real_dirs[parent] = os.path.realpath(parent)
+        return os.path.join(self._real_dirs[parent], os.path.basename(path))
+
+
 def _inside(root: str, rel: str, *, where: str) -> str:
-    """root/rel, or ValueError (naming `where`) when rel is absolute outside root or climbs out with ../."""
-    root = os.path.abspath(root)
-    full = os.path.normpath(os.path.join(root, rel))
-    if full != root and not full.startswith(root.rstrip(os.sep) + os.sep):
-        raise DataError(f"{where}: path {rel!r} escapes the dataset root {root}; "
-                         "label files may only name files inside it (fix or remove the entry)")
-    return full
+    """root/rel, or DataError (naming `where`) when rel leaves root (../, absolute, or a symlink out)."""
+    return _Root(root).join(rel, where=where)
 
 
 def _int_label(value, num_classes: int) -> int | None:
@@ -145,18 +247,43 @@ def _int_label(value, num_classes: int) -> int | None:
     return int(f)
 
 
+_BOMS = ((b"\xef\xbb\xbf", "utf-8-sig"), (b"\xff\xfe\x00\x00", "utf-32"), (b"\x00\x00\xfe\xff", "utf-32"),
+         (b"\xff\xfe", "utf-16"), (b"\xfe\xff", "utf-16"))
+
+
+def _read_text(path: str) -> str:
+    """A label file's text: UTF-8 (BOM or not), or UTF-16/32 with a BOM; DataError naming the file else."""
+    with open(path, "rb") as f:
+        data = f.read()
+    encoding = next((enc for bom, enc in _BOMS if data.startswith(bom)), "utf-8")
+    try:
+        return data.decode(encoding)
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path} is not {encoding.upper().replace('-SIG', '')} text (byte {e.start}: "
+                        f"{e.reason}); save it as UTF-8") from None
+
+
 def _read_csv(path: str, *, required: tuple[str, ...], hint: str = "") -> list[dict]:
-    """Rows of a CSV as dicts; ValueError naming the file when it is absent or lacks a column."""
+    """Rows of a CSV as dicts (a short row's missing cells are None); DataError naming the file when it is
+    absent, not text, not CSV or lacks a column."""
     if not os.path.isfile(path):
         raise DataError(f"{path} not found; pass the dataset directory that holds it")
-    with open(path, newline="", encoding="utf-8-sig") as f:
-        reader = DictReader(f)
+    reader = csvlib.DictReader(io.StringIO(_read_text(path), newline=""))
+    try:
         columns = reader.fieldnames or []
         missing = [c for c in required if c not in columns]
         if missing:
             raise DataError(f"{path} has no column {', '.join(missing)} (columns: {', '.join(columns)})"
-                             + (f"; {hint}" if hint else ""))
+                            + (f"; {hint}" if hint else ""))
         return list(reader)
+    except csvlib.Error as e:
+        raise DataError(f"{path} line {reader.line_num}: not valid CSV ({e})") from None
+
+
+def _cell(row: dict, column: str | None) -> str:
+    """A cell as text; "" for a missing column or a short row's missing cell."""
+    value = row.get(column) if column else None
+    return value if isinstance(value, str) else ""
 
 
 def _stem_id(rel: str) -> str:
@@ -184,46 +311,78 @@ def _group_map(path: str | None, base: str) -> dict[str, str]:
     column = next((c for c in ("wsi", "slide", "group") if rows and c in rows[0]), None)
     if rows and column is None:
         raise DataError(f"groups file {path} needs a wsi, slide or group column next to id")
-    return {r["id"]: r[column] for r in rows}
+    return {_cell(r, "id"): _cell(r, column) for r in rows}
 
 
 def list_hcd(input: str, *, groups=None) -> Listing:
-    """Kaggle Histopathologic Cancer Detection: train_labels.csv + train/<id>.tif, test/ in submission order."""
+    """Kaggle Histopathologic Cancer Detection: train_labels.csv + train/<id>.tif, test/ in submission order.
+
+    A train/*.tif without a row in train_labels.csv is rejected ("no label row"); without
+    sample_submission.csv the test images are listed in sorted id order, with a warning saying so."""
     out, group_of = _Collector(), _group_map(groups, input)
     train_dir, test_dir = os.path.join(input, "train"), os.path.join(input, "test")
     train_sizes = _dir_sizes(train_dir)
     labels_csv = os.path.join(input, "train_labels.csv")
+    root, entries, named = _Root(train_dir), [], set()
     for line, row in enumerate(_read_csv(labels_csv, required=("id", "label")), start=2):
-        id = row["id"]
-        path = _inside(train_dir, id + ".tif", where=f"{labels_csv} line {line}")
-        label = _int_label(row["label"], 2)
-        if label is None:
-            out.reject(id, path, "invalid label")
+        id = _cell(row, "id")
+        named.add(id)
+        if not id:
+            out.reject("", f"{labels_csv} line {line}", "empty id")
             continue
-        out.add_file(Item(id, label, group_of.get(id, ""), ("file", path), "train", path), train_sizes.get(id))
+        path = root.join(id + ".tif", where=f"{labels_csv} line {line}")
+        label = _int_label(_cell(row, "label"), 2)
+        entries.append({"id": id, "path": path, "label": label if label is not None else _cell(row, "label"),
+                        "where": f"line {line}", "valid": label})
+    for e in _unique_labels(out, entries, file=labels_csv):
+        if e["valid"] is None:
+            out.reject(e["id"], e["path"], "invalid label")
+            continue
+        out.add_file(Item(e["id"], e["valid"], group_of.get(e["id"], ""), ("file", e["path"]), "train", e["path"]),
+                     train_sizes.get(e["id"]))
+    for id in sorted(set(train_sizes) - named):
+        out.reject(id, os.path.join(train_dir, id + ".tif"), "no label row")
     submission = os.path.join(input, "sample_submission.csv")
     has_submission = os.path.isfile(submission)
     _list_hcd_test(out, test_dir, submission if has_submission else None)
+    if not has_submission:
+        out.warnings.append(f"no sample_submission.csv in {input}: the {len(out.test)} test images of {test_dir} "
+                            "are written (and predicted) in sorted id order; put the competition's "
+                            "sample_submission.csv there to get its order")
     return out.listing(["0", "1"], sample_submission=submission if has_submission else None,
-                       meta={"test_labeled": False, "groups": bool(group_of), "mpp": PCAM_MPP})
+                       meta={"test_labeled": False, "groups": bool(group_of), "mpp": PCAM_MPP,
+                             "test_order": "sample_submission.csv" if has_submission else "sorted ids"})
 
 
-def _dir_sizes(directory: str, ext: str = ".tif") -> dict[str, int]:
-    """{stem: size in bytes} of the `ext` files directly in `directory` (one scandir, no per-id stat)."""
+def _dir_sizes(directory: str, ext: str = ".tif") -> dict[str, int | str]:
+    """{stem: size in bytes, or why it cannot be read} of the `ext` entries directly in `directory` (one
+    scandir, no per-id stat for plain files; a broken symlink or a symlink loop gets its reason)."""
     if not os.path.isdir(directory):
         return {}
+    sizes = {}
     with os.scandir(directory) as entries:
-        return {e.name[: -len(ext)]: e.stat().st_size for e in entries
-                if e.name.endswith(ext) and e.is_file()}
+        for e in entries:
+            if not e.name.endswith(ext):
+                continue
+            kind = _entry_kind(e)
+            if kind == "file":
+                sizes[e.name[: -len(ext)]] = e.stat().st_size
+            elif kind != "dir":
+                sizes[e.name[: -len(ext)]] = "not a regular file" if kind == "other" else kind
+    return sizes
 
 
 def _list_hcd_test(out: _Collector, test_dir: str, submission: str | None) -> None:
     """Test items in sample_submission order; files it does not name are rejected so counts add up."""
     sizes = _dir_sizes(test_dir)
-    order = ([r["id"] for r in _read_csv(submission, required=("id",))] if submission
+    order = ([_cell(r, "id") for r in _read_csv(submission, required=("id",))] if submission
              else sorted(sizes))
+    root = _Root(test_dir)
     for line, id in enumerate(order, start=2):
-        path = _inside(test_dir, id + ".tif", where=f"{submission or test_dir} line {line}")
+        if not id:
+            out.reject("", f"{submission} line {line}", "empty id")
+            continue
+        path = root.join(id + ".tif", where=f"{submission or test_dir} line {line}")
         out.add_file(Item(id, -1, "", ("file", path), "test", path), sizes.get(id))
     for id in sorted(set(sizes) - set(order)):
         out.reject(id, os.path.join(test_dir, id + ".tif"), "not in sample_submission.csv")
@@ -248,7 +407,7 @@ def _pcam_groups(input: str, split: str, count: int) -> list[str]:
     rows = _read_csv(path, required=("wsi",))
     if len(rows) != count:
         raise DataError(f"{path} has {len(rows)} rows but the {split} split has {count} patches")
-    return [r["wsi"] for r in rows]
+    return [_cell(r, "wsi") for r in rows]
 
 
 def _pcam_labels(x_path: str, y_path: str | None, split: str) -> list[int | None]:
@@ -295,29 +454,97 @@ def list_pcam(input: str, *, test_split="test") -> Listing:
 
 # ---------------------------------------------------------------- folder (class per directory)
 
-def _walk(root: str, *, exclude: str | None, counts: dict):
+@dataclass
+class _Tree:
+    """What a walk of an image tree found."""
+
+    files: list = field(default_factory=list)     # (rel, abs, size, class or None), depth-first in name order
+    skipped: dict = field(default_factory=dict)   # entries left out on purpose, by kind
+    problems: list = field(default_factory=list)  # {"id", "path", "reason"}: symlink loops, broken links, ...
+    empty: list = field(default_factory=list)     # relative paths of the top-most folders holding no image
+
+
+def _walk(root: str, *, exclude: str | None, tree: _Tree):
     """Yield (relative posix path, absolute path, size) of image files under root, sorted, recursively.
 
     Hidden entries (".DS_Store", "__MACOSX"-style "._x.png") and non-image files are counted in
-    `counts` and skipped; `exclude` (an absolute dir) is not entered.
+    `tree.skipped`; `exclude` (an absolute dir) is not entered. Symlinks are followed (class folders of
+    links into a pool of images are a common layout), except a directory link back to a folder above it:
+    that loop, a broken link and an entry that cannot be read go to `tree.problems` (rejects, never an
+    OSError). Afterwards `tree.empty` lists the top-most folders with no image anywhere below them.
     """
-    stack = [root]
+    stack = [(root, (os.path.realpath(root),))]   # (directory, real paths of it and the folders above it)
+    images, parent, order = {}, {}, []            # images directly in a dir; its parent; dirs in walk order
     while stack:
-        directory = stack.pop()
-        with os.scandir(directory) as it:
-            entries = sorted(it, key=lambda e: e.name)
+        directory, chain = stack.pop()
+        try:
+            with os.scandir(directory) as it:
+                entries = sorted(it, key=lambda e: e.name)
+        except OSError as e:
+            tree.problems.append(_problem(root, directory, _os_reason(e)))
+            continue
+        images[directory] = 0
+        order.append(directory)
         subdirs = []
         for e in entries:
+            kind = _entry_kind(e)
             if e.name.startswith(".") or e.name == "__MACOSX":
-                counts["hidden"] = counts.get("hidden", 0) + 1
-            elif e.is_dir():
-                if not (exclude and os.path.abspath(e.path) == exclude):
-                    subdirs.append(e.path)
-            elif os.path.splitext(e.name)[1].lower() in IMAGE_EXTENSIONS:
-                yield os.path.relpath(e.path, root).replace(os.sep, "/"), e.path, e.stat().st_size
+                tree.skipped["hidden"] = tree.skipped.get("hidden", 0) + 1
+            elif kind == "dir":
+                if exclude and os.path.abspath(e.path) == exclude:
+                    images[directory] += 1  # it holds the test tree: not an empty folder
+                    continue
+                real = os.path.realpath(e.path) if e.is_symlink() else os.path.join(chain[-1], e.name)
+                if real in chain:
+                    tree.problems.append(_problem(root, e.path, f"symlink loop (-> {real})"))
+                else:
+                    parent[e.path] = directory
+                    subdirs.append((e.path, chain + (real,)))
+            elif kind not in ("file", "other"):  # a reason: symlink loop, broken symlink, unreadable
+                tree.problems.append(_problem(root, e.path, kind))
+            elif os.path.splitext(e.name)[1].lower() not in IMAGE_EXTENSIONS:
+                tree.skipped["non_image"] = tree.skipped.get("non_image", 0) + 1
+            elif kind == "other":  # a FIFO or device named like an image: reading it could hang
+                tree.problems.append(_problem(root, e.path, "not a regular file"))
             else:
-                counts["non_image"] = counts.get("non_image", 0) + 1
+                try:
+                    size = e.stat().st_size
+                except OSError as err:
+                    tree.problems.append(_problem(root, e.path, _os_reason(err)))
+                    continue
+                images[directory] += 1
+                yield os.path.relpath(e.path, root).replace(os.sep, "/"), e.path, size
         stack.extend(reversed(subdirs))  # depth-first in name order
+    tree.empty.extend(_empty_folders(root, images, parent, order))
+
+
+def _entry_kind(entry: os.DirEntry) -> str:
+    """"dir", "file" (symlinks followed), "other" (FIFO, socket, device), or why it cannot be followed."""
+    try:
+        if entry.is_dir():
+            return "dir"
+        if entry.is_file():
+            return "file"
+    except OSError as e:  # DirEntry.is_dir raises on ELOOP
+        return _os_reason(e)
+    if entry.is_symlink():
+        return _file_size(entry.path) or "broken symlink"
+    return "other"
+
+
+def _problem(root: str, path: str, reason: str) -> dict:
+    """A reject row for an entry of a tree that cannot be listed."""
+    return {"id": _stem_id(os.path.relpath(path, root)), "path": path, "reason": reason}
+
+
+def _empty_folders(root: str, images: dict, parent: dict, order: list) -> list[str]:
+    """Relative paths of the folders with no image below them whose parent does hold some (or is root)."""
+    total = dict(images)
+    for d in reversed(order):  # children come after their parents in walk order
+        if d in parent and parent[d] in total:
+            total[parent[d]] += total[d]
+    return [os.path.relpath(d, root).replace(os.sep, "/") for d in order
+            if d != root and total[d] == 0 and (parent[d] == root or total.get(parent[d], 0) > 0)]
 
 
 def _class_of(rel: str, depth: int) -> str | None:
@@ -339,18 +566,26 @@ def _group_of(rel: str, pattern: re.Pattern | None, *, root: str, required: bool
     return m.group(1) if m.groups() else m.group(0)
 
 
-def _scan_tree(root: str, *, depth: int, include, exclude=None) -> tuple[list, dict]:
-    """[(rel, abs, size, class or None)] of a tree's images and counts of what was skipped."""
+def _scan_tree(root: str, *, depth: int, include, exclude=None) -> _Tree:
+    """A tree's images with their class (None when too shallow), what was skipped, problems, empty folders."""
     if not os.path.isdir(root):
         raise DataError(f"{root} is not a directory; pass the folder that holds the class folders")
-    counts: dict = {}
-    files = []
-    for rel, path, size in _walk(root, exclude=exclude, counts=counts):
+    tree = _Tree()
+    for rel, path, size in _walk(root, exclude=exclude, tree=tree):
         if include is not None and not include.search(rel):
-            counts["excluded"] = counts.get("excluded", 0) + 1
+            tree.skipped["excluded"] = tree.skipped.get("excluded", 0) + 1
             continue
-        files.append((rel, path, size, _class_of(rel, depth)))
-    return files, counts
+        tree.files.append((rel, path, size, _class_of(rel, depth)))
+    return tree
+
+
+def _empty_warning(tree: _Tree, root: str, what: str) -> str | None:
+    """The warning line for a tree's empty folders (None when there are none)."""
+    if not tree.empty:
+        return None
+    shown = ", ".join(tree.empty[:10]) + (f", ... ({len(tree.empty) - 10} more)" if len(tree.empty) > 10 else "")
+    return (f"{len(tree.empty)} empty folder(s) in {what} {root} hold no image and are not classes: {shown}; "
+            "fill or remove them")
 
 
 def _pick_classes(found: set[str], wanted) -> list[str]:
@@ -377,6 +612,7 @@ def list_folder(input: str, *, classes=None, class_depth=1, group_regex=None, in
     include      re.search on the relative path; only matching images are listed (e.g. "/40X/").
     test_input   a second tree: images in class folders are labeled test items, images directly in
                  it unlabeled ones; when it lies inside `input` it is left out of training.
+    A folder with no image is no class: it is named in a warning (meta["warnings"], meta["empty_folders"]).
     """
     depth = int(class_depth)
     if depth < 1:
@@ -384,13 +620,18 @@ def list_folder(input: str, *, classes=None, class_depth=1, group_regex=None, in
     group_re = re.compile(group_regex) if group_regex else None
     include_re = re.compile(include) if include else None
     test_root = os.path.abspath(_resolve(test_input, input)) if test_input else None
-    files, skipped = _scan_tree(input, depth=depth, include=include_re, exclude=test_root)
-    if not files:
-        raise DataError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {input} (skipped: {skipped})")
-    names = _pick_classes({c for *_, c in files if c is not None}, classes)
+    tree = _scan_tree(input, depth=depth, include=include_re, exclude=test_root)
+    skipped = tree.skipped
+    if not tree.files:
+        raise DataError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {input} (skipped: {skipped}"
+                        + (f"; {tree.problems[0]['path']}: {tree.problems[0]['reason']}" if tree.problems else "")
+                        + ")")
+    names = _pick_classes({c for *_, c in tree.files if c is not None}, classes)
     index = {c: i for i, c in enumerate(names)}
     out = _Collector()
-    for rel, path, size, cls in files:
+    for p in tree.problems:
+        out.reject(p["id"], p["path"], p["reason"])
+    for rel, path, size, cls in tree.files:
         if cls is not None and cls not in index:
             skipped["other_class"] = skipped.get("other_class", 0) + 1
         elif cls is None:
@@ -398,19 +639,28 @@ def list_folder(input: str, *, classes=None, class_depth=1, group_regex=None, in
         else:
             group = _group_of(rel, group_re, root=input, required=True) if size else ""
             out.add_file(Item(_stem_id(rel), index[cls], group, ("file", path), "train", path), size)
-    test_labeled = _list_folder_test(out, test_root, depth=depth, index=index, include=include_re,
-                                     skipped=skipped, group_re=group_re) if test_root else None
-    return out.listing(names, meta={"skipped": skipped, "class_depth": depth,
-                                    "test_labeled": bool(test_labeled)})
+    empty = {"input": tree.empty}
+    out.warnings.append(_empty_warning(tree, input, "--input"))
+    test_labeled = None
+    if test_root:
+        test_tree = _scan_tree(test_root, depth=depth, include=include_re)
+        test_labeled = _list_folder_test(out, test_root, test_tree, depth=depth, index=index, skipped=skipped,
+                                         group_re=group_re)
+        empty["test_input"] = test_tree.empty
+        out.warnings.append(_empty_warning(test_tree, test_root, "--test_input"))
+    out.warnings = [w for w in out.warnings if w]
+    return out.listing(names, meta={"skipped": skipped, "class_depth": depth, "test_labeled": bool(test_labeled),
+                                    "empty_folders": {k: v for k, v in empty.items() if v}})
 
 
-def _list_folder_test(out: _Collector, root: str, *, depth, index, include, skipped, group_re) -> bool:
+def _list_folder_test(out: _Collector, root: str, tree: _Tree, *, depth, index, skipped, group_re) -> bool:
     """Test items from a second tree: labeled in class folders, unlabeled (-1) directly in `root`."""
-    files, counts = _scan_tree(root, depth=depth, include=include)
-    for k, v in counts.items():
+    for k, v in tree.skipped.items():
         skipped[f"test_{k}"] = skipped.get(f"test_{k}", 0) + v
+    for p in tree.problems:
+        out.reject("test/" + p["id"], p["path"], p["reason"])
     labeled = False
-    for rel, path, size, cls in files:
+    for rel, path, size, cls in tree.files:
         id = "test/" + _stem_id(rel)
         if "/" not in rel:
             label = -1   # directly in the test folder: unlabeled
@@ -433,17 +683,16 @@ CHAOYANG_CLASSES = ["normal", "serrated", "adenocarcinoma", "adenoma"]
 
 
 def _chaoyang_entries(path: str) -> list[dict]:
-    """The JSON list of {"name", "label"} entries; ValueError naming the file when malformed."""
+    """The JSON list of {"name", "label"} entries; DataError naming the file when malformed."""
     try:
-        with open(path, encoding="utf-8") as f:
-            entries = json.load(f)
-    except json.JSONDecodeError as e:
-        raise DataError(f"{path} is not valid JSON: {e}") from None
+        entries = json.loads(_read_text(path))
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, a 5000-digit number, [[[[...]]]]
+        raise DataError(f"{path} is not valid JSON: {str(e)[:200]}") from None
     if not isinstance(entries, list):
         raise DataError(f"{path} must hold a JSON list of {{\"name\": ..., \"label\": ...}} entries")
     for i, e in enumerate(entries):
         if not isinstance(e, dict) or not isinstance(e.get("name"), str):
-            raise DataError(f"{path} entry {i} ({e!r}) has no string \"name\"")
+            raise DataError(f"{path} entry {i} ({str(e)[:80]}) has no string \"name\"")
     return entries
 
 
@@ -459,18 +708,22 @@ def list_chaoyang(input: str) -> Listing:
     train_json = os.path.join(input, "train.json")
     if not os.path.isfile(train_json):
         raise DataError(f"{train_json} not found; pass the Chaoyang root that holds train.json and test.json")
-    out = _Collector()
+    out, root = _Collector(), _Root(input)
     for split, json_path in (("train", train_json), ("test", os.path.join(input, "test.json"))):
         if split == "test" and not os.path.isfile(json_path):
             continue
+        entries = []
         for i, entry in enumerate(_chaoyang_entries(json_path)):
-            path = _inside(input, entry["name"], where=f"{json_path} entry {i}")
-            id = _stem_id(os.path.relpath(path, os.path.abspath(input)))
+            path = root.join(entry["name"], where=f"{json_path} entry {i}")
             label = _json_label(entry.get("label"), len(CHAOYANG_CLASSES))
-            if label is None:
-                out.reject(id, path, "invalid label")
+            entries.append({"id": _stem_id(os.path.relpath(path, root.path)), "path": path, "valid": label,
+                            "label": label if label is not None else json.dumps(entry.get("label")),
+                            "where": f"entry {i}"})
+        for e in _unique_labels(out, entries, file=json_path):
+            if e["valid"] is None:
+                out.reject(e["id"], e["path"], "invalid label")
                 continue
-            out.add_file(Item(id, label, "", ("file", path), split, path), _file_size(path))
+            out.add_file(Item(e["id"], e["valid"], "", ("file", e["path"]), split, e["path"]), _file_size(e["path"]))
     return out.listing(CHAOYANG_CLASSES, meta={"test_labeled": bool(out.test)})
 
 
@@ -498,7 +751,7 @@ def list_csv(input: str, *, csv=None, path_col="path", label_col="label", group_
     hint = "name the right columns with path_col=, label_col=, group_col=, id_col="
     rows = _read_csv(csv_path, required=tuple(c for c in (path_col, label_col, group_col, id_col) if c),
                      hint=hint)
-    names = _as_list(classes) or _csv_class_names([r[label_col] or "" for r in rows])
+    names = _as_list(classes) or _csv_class_names([_cell(r, label_col) for r in rows])
     out = _Collector()
     root_dir = _resolve(root, base) if root else os.path.dirname(os.path.abspath(csv_path))
     _add_csv_rows(out, rows, csv_path=csv_path, root=root_dir, cols=cols, names=names, split="train")
@@ -515,20 +768,24 @@ def list_csv(input: str, *, csv=None, path_col="path", label_col="label", group_
 def _add_csv_rows(out: _Collector, rows, *, csv_path, root, cols, names, split) -> None:
     """Items of one CSV; a test row with no label (or no label column) is unlabeled (-1)."""
     index = {n: i for i, n in enumerate(names)}
+    base, entries = _Root(root), []
     for line, row in enumerate(rows, start=2):  # line 1 is the header
-        rel = row[cols["path"]] or ""
-        path = _inside(root, rel, where=f"{csv_path} line {line}")
-        id = row[cols["id"]] if cols["id"] else _stem_id(os.path.relpath(path, os.path.abspath(root)))
-        raw = (row.get(cols["label"]) or "").strip()
-        if split == "test" and not raw:
-            label = -1
-        elif raw in index:
-            label = index[raw]
-        else:
-            out.reject(id, path, "invalid label")
+        rel, where = _cell(row, cols["path"]), f"{csv_path} line {line}"
+        if not rel.strip() or (cols["id"] and not _cell(row, cols["id"])):
+            out.reject(_cell(row, cols["id"]), where, "empty path" if not rel.strip() else "empty id")
             continue
-        group = (row.get(cols["group"]) or "") if cols["group"] else ""
-        out.add_file(Item(id, label, group, ("file", path), split, path), _file_size(path))
+        path = base.join(rel, where=where)
+        id = _cell(row, cols["id"]) if cols["id"] else _stem_id(os.path.relpath(path, base.path))
+        raw = _cell(row, cols["label"]).strip()
+        label = -1 if split == "test" and not raw else index.get(raw)
+        entries.append({"id": id, "path": path, "label": raw, "valid": label, "where": f"line {line}",
+                        "group": _cell(row, cols["group"])})
+    for e in _unique_labels(out, entries, file=csv_path):
+        if e["valid"] is None:
+            out.reject(e["id"], e["path"], "invalid label")
+            continue
+        out.add_file(Item(e["id"], e["valid"], e["group"], ("file", e["path"]), split, e["path"]),
+                     _file_size(e["path"]))
 
 
 # ---------------------------------------------------------------- synthetic

@@ -85,18 +85,51 @@ def _hcd_tree(tmp_path, labels, test_ids, submission):
 
 
 def test_hcd_bad_rows_are_rejected(tmp_path):
-    labels = [("a", "0"), ("b", "1"), ("c", "2"), ("a", "1"), ("gone", "0"), ("z", "0")]
+    labels = [("a", "0"), ("b", "1"), ("c", "2"), ("a", "1"), ("gone", "0"), ("z", "0"), ("d", "1"), ("d", "1.0")]
     _hcd_tree(tmp_path, labels, test_ids=["t1", "t2", "t3"], submission=["t2", "t1", "t9"])
     (tmp_path / "train" / "z.tif").write_bytes(b"")
+    png(tmp_path / "train" / "orphan.tif")  # an image train_labels.csv does not name
     (tmp_path / "groups.csv").write_text("id,wsi\na,slide_1\nb,slide_2\n")
     listing = get_source("hcd").list(tmp_path, groups="groups.csv")
     check_accounting(listing)
-    assert [(i.id, i.label, i.group) for i in listing.train] == [("a", 0, "slide_1"), ("b", 1, "slide_2")]
+    assert [(i.id, i.label, i.group) for i in listing.train] == [("b", 1, "slide_2"), ("d", 1, "")]
     assert [i.id for i in listing.test] == ["t2", "t1"]
-    assert reasons(listing) == {"c": "invalid label", "a": "duplicate id", "gone": "missing file",
-                                "z": "zero-byte file", "t9": "missing file",
-                                "t3": "not in sample_submission.csv"}
-    assert listing.meta["inputs"] == 6 + 4
+    assert sorted((r["id"], r["reason"]) for r in listing.rejects) == sorted([
+        ("a", "conflicting labels"), ("a", "conflicting labels"), ("c", "invalid label"), ("gone", "missing file"),
+        ("z", "zero-byte file"), ("orphan", "no label row"), ("t9", "missing file"),
+        ("t3", "not in sample_submission.csv")])
+    # 8 label rows - 1 identical copy of d + 1 unlabeled train image + 4 test images
+    assert listing.meta["inputs"] == 8 - 1 + 1 + 4
+    stats = listing.meta["label_files"][str(tmp_path / "train_labels.csv")]
+    assert stats == {"rows": 8, "identical_duplicates": 1, "conflicting_ids": 1, "conflicting_rows": 2}
+    assert listing.label_conflicts == [{"file": str(tmp_path / "train_labels.csv"), "id": "a", "labels": ["0", "1"],
+                                        "where": ["line 2", "line 5"]}]
+    assert listing.meta["test_order"] == "sample_submission.csv" and "warnings" not in listing.meta
+
+
+def test_hcd_without_sample_submission_says_which_test_order(tmp_path):
+    _hcd_tree(tmp_path, [("a", "0"), ("b", "1")], test_ids=["t2", "t1", "t3"], submission=[])
+    os.remove(tmp_path / "sample_submission.csv")
+    listing = get_source("hcd").list(tmp_path)
+    check_accounting(listing)
+    assert [i.id for i in listing.test] == ["t1", "t2", "t3"] and listing.sample_submission is None
+    assert listing.meta["test_order"] == "sorted ids"
+    [warning] = listing.meta["warnings"]
+    assert "no sample_submission.csv" in warning and "sorted id order" in warning and "3 test images" in warning
+
+
+def test_label_files_in_utf16_or_with_a_bom_parse_and_other_bytes_are_one_data_error(tmp_path):
+    _hcd_tree(tmp_path, [("a", "0"), ("b", "1")], test_ids=[], submission=[])
+    text = "id,label\na,0\nb,1\n"
+    for data in (b"\xef\xbb\xbf" + text.encode(), text.encode("utf-16"), text.replace("\n", "\r\n").encode()):
+        (tmp_path / "train_labels.csv").write_bytes(data)
+        assert [i.id for i in get_source("hcd").list(tmp_path).train] == ["a", "b"]
+    (tmp_path / "train_labels.csv").write_bytes("id,label\nä,0\n".encode("latin-1"))
+    with pytest.raises(DataError, match=r"train_labels.csv is not UTF-8 text .*save it as UTF-8"):
+        get_source("hcd").list(tmp_path)
+    (tmp_path / "train_labels.csv").write_text("id,label\n" + "x" * 200_000 + ",0\n")
+    with pytest.raises(DataError, match=r"train_labels.csv line \d+: not valid CSV"):
+        get_source("hcd").list(tmp_path)
 
 
 def test_hcd_escaping_id_is_an_error(tmp_path):
@@ -309,9 +342,9 @@ def test_csv_string_labels_groups_and_test_csv(tmp_path):
     listing = get_source("csv").list(tmp_path, group_col="patient", test_csv="test.csv")
     check_accounting(listing)
     assert listing.classes == ["normal", "tumor"]
-    assert [(i.id, i.label, i.group) for i in listing.train] == [
-        ("img/a", 1, "p1"), ("img/b", 0, "p2"), ("img/c", 1, "p2")]
-    assert reasons(listing) == {"img/d": "missing file", "img/e": "invalid label", "img/a": "duplicate id"}
+    assert [(i.id, i.label, i.group) for i in listing.train] == [("img/b", 0, "p2"), ("img/c", 1, "p2")]
+    assert reasons(listing) == {"img/d": "missing file", "img/e": "invalid label", "img/a": "conflicting labels"}
+    assert len(listing.rejects) == 4  # both copies of img/a
     assert [(i.id, i.label) for i in listing.test] == [("img/t", -1), ("img/u", 1)]
     assert listing.meta["test_labeled"] is True
 
@@ -361,3 +394,113 @@ def test_synthetic_listing():
     assert three.classes == ["c0", "c1", "c2"] and len(three.train) == 9
     with pytest.raises(UsageError, match="num_classes >= 2"):
         get_source("synthetic").list("", num_classes=1)
+
+
+# ---------------------------------------------------------------- label conflicts, symlinks, empty folders
+
+def test_conflicting_and_identical_duplicates_in_chaoyang_and_csv(tmp_path):
+    train = [{"name": "train/a.JPG", "label": 0}, {"name": "train/b.JPG", "label": 1},
+             {"name": "train/a.JPG", "label": 2}, {"name": "train/b.JPG", "label": 1},
+             {"name": "train/c.JPG", "label": 3}]
+    _chaoyang(tmp_path / "cy", train, [])
+    listing = get_source("chaoyang").list(tmp_path / "cy")
+    check_accounting(listing)
+    assert [(i.id, i.label) for i in listing.train] == [("train/b", 1), ("train/c", 3)]
+    assert [(r["id"], r["reason"]) for r in listing.rejects] == [("train/a", "conflicting labels")] * 2
+    [conflict] = listing.label_conflicts
+    assert conflict["id"] == "train/a" and conflict["labels"] == ["0", "2"] and conflict["where"] == ["entry 0", "entry 2"]
+    assert listing.meta["label_files"][str(tmp_path / "cy" / "train.json")]["identical_duplicates"] == 1
+
+    for name in ("a", "b", "c"):
+        png(tmp_path / "csv" / f"{name}.png")
+    (tmp_path / "csv" / "labels.csv").write_text("path,label\na.png,x\nb.png,y\na.png,y\nb.png,y\nc.png,x\n")
+    listing = get_source("csv").list(tmp_path / "csv")
+    check_accounting(listing)
+    assert [(i.id, i.label) for i in listing.train] == [("b", 1), ("c", 0)]
+    assert reasons(listing) == {"a": "conflicting labels"} and len(listing.rejects) == 2
+    assert listing.meta["label_files"][str(tmp_path / "csv" / "labels.csv")] == {
+        "rows": 5, "identical_duplicates": 1, "conflicting_ids": 1, "conflicting_rows": 2}
+
+
+def test_csv_same_id_for_two_files_is_still_a_duplicate_id(tmp_path):
+    for name in ("a", "b"):
+        png(tmp_path / f"{name}.png")
+    (tmp_path / "labels.csv").write_text("path,label,key\na.png,x,k\nb.png,x,k\n")
+    listing = get_source("csv").list(tmp_path, id_col="key")
+    check_accounting(listing)
+    assert [i.path for i in listing.train] == [str(tmp_path / "a.png")] and reasons(listing) == {"k": "duplicate id"}
+
+
+def test_symlink_loops_in_a_folder_tree_are_rejects_not_oserrors(tmp_path):
+    root = tmp_path / "tree"
+    png(root / "a" / "x.png")
+    png(root / "b" / "y.png")
+    os.symlink("..", root / "a" / "up")                 # a directory loop: a/up/a/up/...
+    os.symlink("self.png", root / "b" / "self.png")      # a link to itself
+    os.symlink("nowhere.png", root / "b" / "gone.png")   # a broken link
+    os.symlink(root / "a", root / "b" / "to_a")          # a link to a sibling: followed, no loop
+    listing = get_source("folder").list(root)
+    check_accounting(listing)
+    assert sorted(i.id for i in listing.train) == ["a/x", "b/to_a/x", "b/y"]
+    r = reasons(listing)
+    assert r["a/up"].startswith("symlink loop") and r["b/self"] == "symlink loop" and r["b/gone"] == "broken symlink"
+
+
+@pytest.mark.parametrize("source", ["hcd", "chaoyang", "csv"])
+def test_a_symlink_out_of_the_root_in_a_label_file_is_a_data_error(tmp_path, source):
+    outside = png(tmp_path / "outside" / "secret.png")
+    root = tmp_path / "data"
+    if source == "hcd":
+        root.mkdir()
+        _hcd_tree(root, [("a", "0")], test_ids=[], submission=[])
+        os.symlink(outside, root / "train" / "b.tif")
+        (root / "train_labels.csv").write_text("id,label\na,0\nb,1\n")
+        where = "train_labels.csv line 3"
+    elif source == "chaoyang":
+        _chaoyang(root, [{"name": "train/a.JPG", "label": 0}, {"name": "train/missing_b.JPG", "label": 1}], [])
+        os.symlink(outside, root / "train" / "missing_b.JPG")
+        where = "train.json entry 1"
+    else:
+        png(root / "a.png")
+        os.symlink(outside.parent, root / "sub")  # a linked folder leads out too
+        (root / "labels.csv").write_text("path,label\na.png,0\nsub/secret.png,1\n")
+        where = "labels.csv line 3"
+    with pytest.raises(DataError, match=rf"{where}: path .* is a symlink to {outside}, outside the dataset root"):
+        get_source(source).list(root)
+
+
+def test_an_input_root_that_is_itself_a_symlink_is_fine(tmp_path):
+    _chaoyang(tmp_path / "real", [{"name": "train/a.JPG", "label": 0}], [])
+    os.symlink(tmp_path / "real", tmp_path / "link")
+    assert [i.id for i in get_source("chaoyang").list(tmp_path / "link").train] == ["train/a"]
+
+
+def test_empty_class_folders_are_named_in_a_warning(tmp_path):
+    root, test = tmp_path / "train", tmp_path / "test"
+    png(root / "a" / "x.png")
+    png(root / "b" / "y.png")
+    (root / "c").mkdir()                       # an empty class folder
+    (root / "d" / "deeper").mkdir(parents=True)  # empty all the way down: only d is named
+    (root / "e").mkdir()
+    (root / "e" / "notes.txt").write_text("no images here")
+    png(test / "a" / "t.png")
+    (test / "b").mkdir()
+    listing = get_source("folder").list(root, test_input=str(test))
+    check_accounting(listing)
+    assert listing.classes == ["a", "b"]
+    assert listing.meta["empty_folders"] == {"input": ["c", "d", "e"], "test_input": ["b"]}
+    train_warning, test_warning = listing.meta["warnings"]
+    assert "3 empty folder(s) in --input" in train_warning and "c, d, e" in train_warning
+    assert str(test) in test_warning and ": b;" in test_warning
+
+
+def test_hcd_symlink_loop_and_broken_link_are_rejects(tmp_path):
+    _hcd_tree(tmp_path, [("a", "0"), ("loop", "1"), ("gone", "1")], test_ids=["t1"], submission=["t1"])
+    os.remove(tmp_path / "train" / "loop.tif")
+    os.symlink("loop.tif", tmp_path / "train" / "loop.tif")
+    os.symlink("nowhere.tif", tmp_path / "train" / "gone.tif")
+    os.symlink("orphan.tif", tmp_path / "train" / "orphan.tif")  # a looping link with no label row either
+    listing = get_source("hcd").list(tmp_path)
+    check_accounting(listing)
+    assert [i.id for i in listing.train] == ["a"]
+    assert reasons(listing) == {"loop": "symlink loop", "gone": "broken symlink", "orphan": "no label row"}
