@@ -283,7 +283,7 @@ def fig_gallery(run, picks: dict, cells: dict, *, n: int):
             if j < len(ids):
                 cell = cells[ids[j]]
                 ax.imshow(cell["overlay"])
-                ax.set_title(cell["text"] + ("" if cell["valid"] else "\n(empty map)"), fontsize=8)
+                ax.set_title(cell["text"] + ("" if cell["valid"] else "\n(no localized evidence)"), fontsize=8)
             elif j == 0:
                 ax.text(0.5, 0.5, "none", ha="center", va="center", transform=ax.transAxes)
         axes[i, 0].text(-0.08, 0.5, cat, rotation=90, ha="right", va="center", fontsize=12, fontweight="bold",

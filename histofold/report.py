@@ -296,7 +296,7 @@ def _gradcam_section(run: Run, *, enabled: bool, n: int, load_images, load_model
         return {"skipped": "no OOF rows to show"}, None
     cells = _gradcam_cells(run, rows, load_images=load_images, load_model=load_model)
     entry = {"categories": {cat: df["id"].tolist() for cat, df in picks.items()},
-             "empty_maps": [c["id"] for c in cells.values() if not c["valid"]]}
+             "not_localized": [i for i, c in cells.items() if not c["valid"]]}
     import matplotlib
 
     with matplotlib.rc_context(plots.STYLE):
@@ -316,7 +316,9 @@ def _gradcam_cells(run: Run, rows: pd.DataFrame, *, load_images, load_model) -> 
         x = _fit_to_model(images, model)
         maps, valid = gc.gradcam(model, x, return_valid=True)
         for r, img, m, ok in zip(part.itertuples(index=False), images, maps, valid):
-            cells[r.id] = {"overlay": gc.overlay(img, m), "valid": bool(ok), "text": _cell_text(run, r)}
+            # a map that localizes nothing is not painted: stretching it would invent a pattern
+            cells[r.id] = {"overlay": gc.overlay(img, m) if ok else img, "valid": bool(ok),
+                           "text": _cell_text(run, r)}
     return cells
 
 

@@ -1,4 +1,5 @@
-"""gradcam.py on a tiny CNN trained to find a bright square: shapes, range, and where the map points."""
+"""gradcam.py on a tiny CNN trained to find a bright square: shapes, range, where the map points (corners
+included), and the zero-padding border response removed."""
 import keras
 import numpy as np
 import pytest
@@ -59,6 +60,50 @@ def test_maps_shape_range_and_locate_the_square(trained):
     inside = np.array([maps[i][masks[i]].mean() for i in pos])
     outside = np.array([maps[i][~masks[i]].mean() for i in pos])
     assert np.mean(inside > outside) >= 0.8 and inside.mean() > 2 * outside.mean()
+
+
+def _corner_images(seed):
+    """Dim noise with the bright square touching each corner in turn: (4, SIZE, SIZE, 3), masks."""
+    rng = np.random.default_rng(seed)
+    x = rng.uniform(0, 60, (4, SIZE, SIZE, 3)).astype(np.float32)
+    masks = np.zeros((4, SIZE, SIZE), bool)
+    for i, (r, c) in enumerate([(0, 0), (0, SIZE - SQ), (SIZE - SQ, 0), (SIZE - SQ, SIZE - SQ)]):
+        x[i, r:r + SQ, c:c + SQ] = 230.0
+        masks[i, r:r + SQ, c:c + SQ] = True
+    return x, masks
+
+
+def test_evidence_in_a_corner_peaks_in_that_corner(trained):
+    """The border cells are where zero padding distorts features most; evidence there must still win."""
+    x, masks = _corner_images(seed=5)
+    assert (trained.predict(x, verbose=0)[:, 0] >= 0.5).all()
+    maps, valid = gradcam.gradcam(trained, x, return_valid=True)
+    assert valid.all()
+    for m, mask in zip(maps, masks):
+        rows, cols = np.nonzero(mask)
+        peak = np.unravel_index(np.argmax(m), m.shape)
+        # the peak lies on the square or within one feature-map cell (stride 2) of it
+        assert abs(peak[0] - rows.mean()) <= SQ / 2 + 2 and abs(peak[1] - cols.mean()) <= SQ / 2 + 2, peak
+        assert m[mask].mean() > 2 * m[~mask].mean()
+
+
+def test_padding_response_is_removed_and_featureless_maps_flagged(trained):
+    """A flat patch holds no evidence anywhere; plain Grad-CAM still paints the zero-padding frame."""
+    flat = np.full((3, SIZE, SIZE, 3), [[[[40.0]]], [[[120.0]]], [[[200.0]]]], np.float32)
+    plain = gradcam.gradcam(trained, flat, class_index=1, correct_padding=False)
+    border = np.ones((SIZE, SIZE), bool)
+    border[2:-2, 2:-2] = False
+    assert (np.abs(plain[:, border].mean(axis=1) - plain[:, ~border].mean(axis=1)) > 0.05).all()  # the frame
+    for cls in (0, 1):
+        maps, valid = gradcam.gradcam(trained, flat, class_index=cls, return_valid=True)
+        assert not valid.any()  # nothing is localized: flagged, not stretched into a pattern
+        spread = maps.reshape(3, -1).max(axis=1) - maps.reshape(3, -1).min(axis=1)
+        assert (spread < 1e-4).all()  # the padding response is gone: a constant (or zero) map
+    x, y, _ = _square_data(16, seed=6)
+    neg = x[(y == 0) & (trained.predict(x, verbose=0)[:, 0] < 0.5)]
+    frame = [np.abs(m[:, border].mean() - m[:, ~border].mean())  # what argues against the square
+             for m in (gradcam.gradcam(trained, neg, correct_padding=False), gradcam.gradcam(trained, neg))]
+    assert frame[1] < 0.7 * frame[0]
 
 
 def test_layer_default_and_class_choice(trained):
