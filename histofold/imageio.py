@@ -11,6 +11,8 @@ Conversions are deliberate, never silent garbage:
     P (palette), CMYK, YCbCr, HSV, LAB   converted by Pillow
 Unreadable input raises `ImageError` whose str() is a short reason ("file not found: ...",
 "zero-byte file: ...", "truncated or unreadable image: ...").
+`load_ref_mode` / `read_image_mode` also return the source's Pillow mode ("RGB", "RGBA", "I;16", ...; an
+array's is "L", "RGB" or "RGBA"), so prepare can count the conversions instead of making them silently.
 
 HDF5 handles are cached per process (keyed by pid, so a forked worker never reuses its parent's
 handle); `.h5.gz` files are decompressed once into a cache directory ($HISTOFOLD_CACHE, default
@@ -56,14 +58,19 @@ def read_bytes(path) -> bytes:
 
 def read_image(path) -> np.ndarray:
     """Decode one image file to (H, W, 3) uint8 RGB; raises ImageError with the reason."""
+    return read_image_mode(path)[0]
+
+
+def read_image_mode(path) -> tuple[np.ndarray, str]:
+    """(read_image(path), the file's Pillow mode before the conversion to RGB)."""
     data = read_bytes(path)
     if not data:
         raise ImageError(f"zero-byte file: {os.fspath(path)}")
     if data[:4] in (b"II*\0", b"MM\0*"):
         fast = plain_tiff_rgb(data)
         if fast is not None:
-            return fast
-    return decode_image(data, name=os.fspath(path))
+            return fast, "RGB"
+    return decode_image_mode(data, name=os.fspath(path))
 
 
 _TIFF_TYPES = {3: ("H", 2), 4: ("I", 4)}  # SHORT, LONG: the only types the fast path reads
@@ -128,10 +135,15 @@ def plain_tiff_rgb(data: bytes) -> np.ndarray | None:
 
 def decode_image(data: bytes, *, name: str = "<bytes>") -> np.ndarray:
     """Encoded bytes -> (H, W, 3) uint8 RGB; truncated data raises (LOAD_TRUNCATED_IMAGES stays False)."""
+    return decode_image_mode(data, name=name)[0]
+
+
+def decode_image_mode(data: bytes, *, name: str = "<bytes>") -> tuple[np.ndarray, str]:
+    """(decode_image(data), the image's Pillow mode before the conversion to RGB)."""
     try:
         with Image.open(io.BytesIO(data)) as img:
             img.load()  # decode now: truncation only shows here
-            return to_rgb(img)
+            return to_rgb(img), img.mode
     except ImageError:
         raise
     except Exception as e:  # Pillow raises OSError, SyntaxError, ValueError, EOFError, struct.error...
@@ -182,6 +194,12 @@ def _on_white(rgba: np.ndarray) -> np.ndarray:
     alpha = rgba[:, :, 3:4] / 255.0
     rgb = rgba[:, :, :3] * alpha + WHITE * (1.0 - alpha)
     return np.clip(np.rint(rgb), 0, 255).astype(np.uint8)
+
+
+def array_mode(a: np.ndarray) -> str:
+    """The Pillow-style mode of an in-memory patch that as_rgb_array accepts: L, RGB or RGBA."""
+    channels = 1 if a.ndim == 2 else a.shape[-1]
+    return {1: "L", 3: "RGB", 4: "RGBA"}.get(channels, f"{channels} channels")
 
 
 def as_rgb_array(a: np.ndarray, *, name: str = "array") -> np.ndarray:
@@ -289,36 +307,43 @@ def h5_length(path, key: str) -> int:
 
 def load_h5(path, key: str, index: int) -> np.ndarray:
     """One patch (row `index`) of an HDF5 array -> (H, W, 3) uint8."""
+    return as_rgb_array(_h5_row(path, key, index), name=f"{path}:{key}[{index}]")
+
+
+def _h5_row(path, key: str, index: int) -> np.ndarray:
+    """Row `index` of an HDF5 array as stored."""
     ds = h5_dataset(path, key)
     if not 0 <= int(index) < ds.shape[0]:
         raise ImageError(f"{path}:{key} has {ds.shape[0]} rows; index {index} is out of range")
-    return as_rgb_array(ds[int(index)], name=f"{path}:{key}[{index}]")
+    return ds[int(index)]
 
 
 # ---------------------------------------------------------------- refs
+# Each loader returns ((H, W, 3) uint8, the source's mode before the conversion to RGB).
 
-def _load_file(ref: tuple) -> np.ndarray:
-    return read_image(ref[1])
+def _load_file(ref: tuple) -> tuple[np.ndarray, str]:
+    return read_image_mode(ref[1])
 
 
-def _load_h5_ref(ref: tuple) -> np.ndarray:
+def _load_h5_ref(ref: tuple) -> tuple[np.ndarray, str]:
     _, path, key, index = ref
-    return load_h5(path, key, index)
+    raw = _h5_row(path, key, index)
+    return as_rgb_array(raw, name=f"{path}:{key}[{index}]"), array_mode(raw)
 
 
-def _load_synthetic(ref: tuple) -> np.ndarray:
+def _load_synthetic(ref: tuple) -> tuple[np.ndarray, str]:
     from histofold.synthetic import render
 
     _, seed, index, size, label, num_classes = ref
-    return render(seed, index, size, label, num_classes)
+    return render(seed, index, size, label, num_classes), "RGB"
 
 
-def _load_slide_tile(ref: tuple) -> np.ndarray:
+def _load_slide_tile(ref: tuple) -> tuple[np.ndarray, str]:
     from histofold.slides import SlideError, load_tile
 
     _, path, x, y, level, read_px, patch_px = ref
     try:
-        return load_tile(path, x, y, level, read_px, patch_px)
+        return load_tile(path, x, y, level, read_px, patch_px), "RGB"
     except SlideError as e:
         raise ImageError(str(e)) from None
 
@@ -328,6 +353,11 @@ LOADERS = {"file": _load_file, "h5": _load_h5_ref, "synthetic": _load_synthetic,
 
 def load_ref(ref: tuple) -> np.ndarray:
     """An `Item.ref` (see histofold.sources) -> (H, W, 3) uint8 as stored in the dataset."""
+    return load_ref_mode(ref)[0]
+
+
+def load_ref_mode(ref: tuple) -> tuple[np.ndarray, str]:
+    """(load_ref(ref), the source's mode before the conversion to RGB: "RGB" when there was none)."""
     loader = LOADERS.get(ref[0]) if ref else None
     if loader is None:
         raise ValueError(f"unknown image ref {ref!r}; the first element must be one of {', '.join(LOADERS)}")

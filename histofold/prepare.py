@@ -61,9 +61,28 @@ PROGRESS = ".progress.json"
 def list_source(config: PrepareConfig) -> sources.Listing:
     """The adapter's listing (PrepareConfig already checked its options)."""
     listing = sources.get_source(config.source).list(config.input, **config.adapter_options())
+    conflicts = listing.label_conflicts
+    if conflicts and config.strict_labels:
+        raise DataError(f"{_conflict_text(conflicts[0])}" + (f" (and {len(conflicts) - 1} more ids)" if len(conflicts) > 1
+                                                              else "") + "; fix the label file, or drop "
+                        "--strict_labels to reject every copy of such an id")
+    if conflicts:
+        log.warning("warning: %d id(s) with conflicting labels rejected (every copy), e.g. %s; --strict_labels "
+                    "makes this an error", len(conflicts), _conflict_text(conflicts[0]))
+    for file, stats in listing.meta.get("label_files", {}).items():
+        if stats["identical_duplicates"]:
+            log.info("%s: %d repeated rows with the same label; kept one of each", file, stats["identical_duplicates"])
+    for warning in listing.meta.get("warnings", []):
+        log.warning("warning: %s", warning)
     if not listing.train:
         raise DataError(f"source {config.source!r} listed no training images under --input={config.input}")
     return listing
+
+
+def _conflict_text(conflict: dict) -> str:
+    """`file: id 'x' has conflicting labels 0, 1 (line 2, line 5)`."""
+    return (f"{conflict['file']}: id {conflict['id']!r} has conflicting labels {', '.join(conflict['labels'])} "
+            f"({', '.join(conflict['where'])})")
 
 
 # ---------------------------------------------------------------- worker side (no TensorFlow)
@@ -79,13 +98,13 @@ def _scan_chunk(task: tuple) -> list[tuple]:
     out, loaded = [], []
     for ref in refs:
         try:
-            raw = imageio.load_ref(ref)
+            raw, mode = imageio.load_ref_mode(ref)
         except ImageError as e:
             out.append([None, None, str(e)])
             loaded.append(None)
             continue
         image = fmt.resize(raw)
-        out.append([{**qc.scan_image(image), "source_shape": tuple(raw.shape[:2])}, None, None])
+        out.append([{**qc.scan_image(image), "source_shape": tuple(raw.shape[:2]), "source_mode": mode}, None, None])
         loaded.append(image)
     if keep:
         for row, image in zip(out, loaded):
@@ -378,37 +397,59 @@ def _still_good(out: str, name: str, facts) -> bool:
             and io.sha256(path) == facts.get("sha256"))
 
 
+def resume_state(plan: list[dict], *, config: PrepareConfig, fmt, encoding: str, shape: tuple) -> tuple:
+    """(plan key, facts of the shards already finished, planned shards still to write): see Resuming."""
+    key = _plan_key(plan, encoding=encoding, config=config, shape=shape, fmt=fmt)
+    done = _clear_stale(config.out, plan, io.read_json(io.join(config.out, PROGRESS), None), key,
+                        overwrite=config.overwrite)
+    todo = [p for p in plan if not _still_good(config.out, p["file"], done.get(p["file"]))]
+    return key, done, todo
+
+
+def save_progress(out: str, key: str, done: dict) -> None:
+    io.write_json(io.join(out, PROGRESS), {"plan": key, "done": done})
+
+
+def shard_entries(plan: list[dict], done: dict) -> list[dict]:
+    """The manifest's shard list: every planned shard with its count, size and sha256."""
+    return [{"file": p["file"], "split": p["split"], "fold": p["fold"], "count": len(p["ids"]),
+             "bytes": done[p["file"]]["bytes"], "sha256": done[p["file"]]["sha256"]} for p in plan]
+
+
+def record_fields(folds_df):
+    """item -> the record's fields besides the image: label, id, fold, group (folds.csv's), location."""
+    fold_of = dict(zip(folds_df["id"], folds_df["fold"])) if len(folds_df) else {}
+    group_of = dict(zip(folds_df["id"], folds_df["group"].astype(str))) if len(folds_df) else {}
+
+    def fields(item) -> dict:
+        return dict(label=int(item.label), id=item.id, fold=int(fold_of.get(item.id, -1)),
+                    group=group_of.get(item.id, item.group or ""), **_location(item))
+    return fields
+
+
 def write_shards(plan: list[dict], *, screened: Screened, folds_df, config: PrepareConfig, fmt, encoding: str,
                  shape: tuple, pool, on_shard=None) -> tuple[list[dict], int]:
     """Pass 2: write every planned shard not already finished. Returns (manifest shard entries, written)."""
     from tqdm import tqdm
 
-    out = config.out
-    key = _plan_key(plan, encoding=encoding, config=config, shape=shape, fmt=fmt)
-    progress_path = io.join(out, PROGRESS)
-    done = _clear_stale(out, plan, io.read_json(progress_path, None), key, overwrite=config.overwrite)
-    todo = [p for p in plan if not _still_good(out, p["file"], done.get(p["file"]))]
+    key, done, todo = resume_state(plan, config=config, fmt=fmt, encoding=encoding, shape=shape)
     by_id = {it.id: k for k, it in enumerate(screened.items)}
-    fold_of = dict(zip(folds_df["id"], folds_df["fold"])) if len(folds_df) else {}
-    group_of = dict(zip(folds_df["id"], folds_df["group"].astype(str))) if len(folds_df) else {}
+    fields = record_fields(folds_df)
     encoded = _encoded_stream(todo, screened=screened, by_id=by_id, config=config, fmt=fmt, encoding=encoding,
                               pool=pool)
     with tqdm(total=sum(len(p["ids"]) for p in todo), desc="pass 2: write shards", unit="img",
               mininterval=2) as bar:
         for shard in todo:
             items = [screened.items[by_id[i]] for i in shard["ids"]]
-            done[shard["file"]] = records.write_shard(io.join(out, shard["file"]), (
+            done[shard["file"]] = records.write_shard(io.join(config.out, shard["file"]), (
                 records.serialize(image=next(encoded), encoding=encoding, height=shape[0], width=shape[1],
-                                  label=int(it.label), id=it.id, fold=int(fold_of.get(it.id, -1)),
-                                  group=group_of.get(it.id, it.group or ""), **_location(it))
+                                  **fields(it))
                 for it in items))
-            io.write_json(progress_path, {"plan": key, "done": done})
+            save_progress(config.out, key, done)
             bar.update(len(shard["ids"]))
             if on_shard is not None:
                 on_shard(shard["file"])  # test hook (simulates a crash after N shards)
-    entries = [{"file": p["file"], "split": p["split"], "fold": p["fold"], "count": len(p["ids"]),
-                "bytes": done[p["file"]]["bytes"], "sha256": done[p["file"]]["sha256"]} for p in plan]
-    return entries, len(todo)
+    return shard_entries(plan, done), len(todo)
 
 
 def _location(item) -> dict:
@@ -503,6 +544,9 @@ def _log_tables(folds_df, summary: dict, classes: list[str]) -> None:
              "conflicts | blank: %d", summary["inputs"], summary["written"], summary["rejected"],
              summary["duplicates_exact"], summary["duplicates_near"], summary["duplicate_conflicts"],
              summary["blank"])
+    if summary["mode_conversions"]:
+        log.warning("warning: converted to RGB (histofold/imageio.py says how): %s of the written images",
+                    ", ".join(f"{n} {mode}" for mode, n in summary["mode_conversions"].items()))
     log.info("wrote %s, %s, %s, %s", summary["manifest"], summary["folds_csv"], summary["class_balance_csv"],
              summary["rejects_csv"])
 
@@ -531,35 +575,65 @@ def prepare(config: PrepareConfig, *, on_shard=None) -> dict:
                  "%d workers", len(items), len(listing.train), len(listing.test), len(listing.rejects),
                  encoding, per_record / 1e3, workers)
         results = scan(items, config=config, fmt=fmt, encoding=encoding, keep=keep, pool=pool)
-        source_shape = Counter(r[0]["source_shape"] for r in results if r[0] is not None).most_common(1)
-        screened = screen(listing, items, results, config=config)
+        planned = plan(listing, items, results, config=config, per_record=per_record)
         del results
-        if config.holdout:
-            hold_out(screened, config=config)
-        if not screened.scans:
-            raise DataError(f"every image was rejected; see {io.join(config.folds_dir, 'rejects.csv')} "
-                            "for the reasons")
-        shape = tuple(int(s) for s in screened.scans[0]["shape"])
-        write_reports(screened, config=config)
-        folds_df = decide_folds(screened, listing, config=config)
-        test_items = [it for it in screened.items if it.split == "test"]
-        per_shard = max(1, int(config.shard_mb * 1e6 // per_record))
-        plan = plan_shards(folds_df, [it.id for it in test_items], n_folds=config.folds, per_shard=per_shard)
         io.makedirs(config.out)
-        shards, n_written = write_shards(plan, screened=screened, folds_df=folds_df, config=config, fmt=fmt,
-                                         encoding=encoding, shape=shape, pool=pool, on_shard=on_shard)
+        shards, n_written = write_shards(planned.shards, screened=planned.screened, folds_df=planned.folds_df,
+                                         config=config, fmt=fmt, encoding=encoding, shape=planned.shape,
+                                         pool=pool, on_shard=on_shard)
     finally:
         if pool is not None:
             pool.close()
             pool.join()
-    counts = _counts(folds_df, test_items, inputs=len(items) + len(listing.rejects),
+    return finish(planned, listing=listing, items=items, shards=shards, shards_written=n_written, config=config,
+                  fmt=fmt, encoding=encoding, seconds=time.time() - start)
+
+
+@dataclass
+class Plan:
+    """Everything decided on the driver after pass 1: what is kept, the folds, the shards to write."""
+
+    screened: Screened
+    folds_df: object   # DataFrame: folds.csv
+    test_items: list
+    shards: list       # plan_shards' list
+    shape: tuple       # (H, W) stored
+    source_shape: tuple  # (H, W) of the inputs before --resize (the most common)
+
+
+def plan(listing: sources.Listing, items: list, results: list, *, config: PrepareConfig,
+         per_record: float) -> Plan:
+    """QC (screen, holdout) -> reports and folds.csv (decided once) -> the deterministic shard plan."""
+    screened = screen(listing, items, results, config=config)
+    if config.holdout:
+        hold_out(screened, config=config)
+    if not screened.scans:
+        raise DataError(f"every image was rejected; see {io.join(config.folds_dir, 'rejects.csv')} "
+                        "for the reasons")
+    shape = tuple(int(s) for s in screened.scans[0]["shape"])
+    source_shape = Counter(r[0]["source_shape"] for r in results if r[0] is not None).most_common(1)[0][0]
+    write_reports(screened, config=config)
+    folds_df = decide_folds(screened, listing, config=config)
+    test_items = [it for it in screened.items if it.split == "test"]
+    per_shard = max(1, int(config.shard_mb * 1e6 // per_record))
+    shards = plan_shards(folds_df, [it.id for it in test_items], n_folds=config.folds, per_shard=per_shard)
+    return Plan(screened=screened, folds_df=folds_df, test_items=test_items, shards=shards, shape=shape,
+                source_shape=tuple(source_shape))
+
+
+def finish(planned: Plan, *, listing: sources.Listing, items: list, shards: list[dict], shards_written: int,
+           config: PrepareConfig, fmt, encoding: str, seconds: float) -> dict:
+    """Counts (inputs = written + rejected, checked), manifest.json, the class balance table, --verify."""
+    screened, folds_df = planned.screened, planned.folds_df
+    counts = _counts(folds_df, planned.test_items, inputs=len(items) + len(listing.rejects),
                      rejected=len(screened.rejects), classes=listing.classes)
     if counts["inputs"] != counts["written"] + counts["rejected"]:  # every input accounted for
         raise AssertionError(f"prepare lost track of inputs: {counts}")
     manifest = write_manifest(config=config, listing=listing, shards=shards, counts=counts, encoding=encoding,
-                              shape=shape, mpp=stored_mpp(config, listing, source_shape[0][0], shape), fmt=fmt,
-                              test_items=test_items)
-    summary = _summary(manifest, screened, config=config, seconds=time.time() - start, shards_written=n_written)
+                              shape=planned.shape, mpp=stored_mpp(config, listing, planned.source_shape,
+                                                                  planned.shape),
+                              fmt=fmt, test_items=planned.test_items)
+    summary = _summary(manifest, screened, config=config, seconds=seconds, shards_written=shards_written)
     _log_tables(folds_df, summary, listing.classes)
     if config.verify:
         summary["verify"] = Manifest.load(config.out).verify()["ok"]
@@ -569,6 +643,9 @@ def prepare(config: PrepareConfig, *, on_shard=None) -> dict:
 def _summary(manifest: dict, screened: Screened, *, config: PrepareConfig, seconds: float,
              shards_written: int) -> dict:
     c, dups = manifest["counts"], screened.duplicates
+    meta = manifest.get("meta", {})
+    labels = list(meta.get("label_files", {}).values())
+    modes = Counter(s.get("source_mode", "RGB") for s in screened.scans)
     return {"inputs": c["inputs"], "written": c["written"], "rejected": c["rejected"], "train": c["train"],
             "test": c["test"], "folds": manifest["folds"], "classes": manifest["classes"],
             "image_size": manifest["image_size"], "encoding": manifest["encoding"],
@@ -576,7 +653,13 @@ def _summary(manifest: dict, screened: Screened, *, config: PrepareConfig, secon
             "duplicates_exact": int((dups["kind"] == "exact").sum()) if len(dups) else 0,
             "duplicates_near": int((dups["kind"] == "near").sum()) if len(dups) else 0,
             "duplicate_conflicts": int(dups.loc[dups["conflict"], "cluster"].nunique()) if len(dups) else 0,
-            "blank": len(screened.blank_ids), "shards": len(manifest["shards"]), "shards_written": shards_written,
+            "blank": len(screened.blank_ids),
+            "label_duplicates": sum(f["identical_duplicates"] for f in labels),  # repeated rows, one kept
+            "label_conflicts": sum(f["conflicting_ids"] for f in labels),        # ids, every row rejected
+            "label_conflict_rows": sum(f["conflicting_rows"] for f in labels),
+            "mode_conversions": {m: n for m, n in sorted(modes.items()) if m != "RGB"},  # source mode -> images
+            "warnings": list(meta.get("warnings", [])),
+            "shards": len(manifest["shards"]), "shards_written": shards_written,
             "seconds": round(seconds, 2), "img_per_s": round(c["inputs"] / max(seconds, 1e-9), 1),
             "manifest": io.join(config.out, MANIFEST), "folds_csv": io.join(config.folds_dir, "folds.csv"),
             "rejects_csv": io.join(config.folds_dir, "rejects.csv"),
