@@ -20,7 +20,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
 
 
-def main(*, run: str, slides: int = 4, rows: int = 8, cols: int = 10, tta: int = 8, workdir: str = ""):
+def main(*, run: str, slides: int = 4, rows: int = 6, cols: int = 8, tta: int = 8, workdir: str = ""):
     """Map `slides` synthetic-layout slides of real PCam patches with `run` and compare with patch predictions.
 
     Args:
@@ -40,13 +40,14 @@ def main(*, run: str, slides: int = 4, rows: int = 8, cols: int = 10, tta: int =
     workdir = workdir or tempfile.mkdtemp(prefix="histofold-slides-")
     folder, patches = os.path.join(workdir, "slides"), os.path.join(workdir, "patches")
     os.makedirs(folder, exist_ok=True)
-    truths, skip = [], 0
+    truths, skip = [], [0, 0]  # patches used so far per class: every slide holds different patches
     for i in range(slides):
-        tumour = (2, 2, rows - 2, cols // 2) if i % 2 == 0 else (0, 0, 0, 0)
+        tumour = (1, 2, rows - 1, cols // 2 + 1) if i % 2 == 0 else (0, 0, 0, 0)
         glass = [(0, 0), (0, 1), (1, 0), (rows - 1, cols - 1)]
         truth = build_slide(os.path.join(folder, f"slide{i}.tif"), rows=rows, cols=cols, tumour=tumour,
-                            glass_cells=glass, skip=skip, seed=i)
-        skip += rows * cols
+                            glass_cells=glass, skip=tuple(skip), seed=i)
+        for k in (0, 1):
+            skip[k] += int((truth.label == k).sum())
         truths.append(truth)
         for (r, c), f in truth.files.items():
             d = os.path.join(patches, str(truth.label[r, c]))

@@ -21,7 +21,7 @@ RECIPES: dict[str, dict[str, dict]] = {
     # AdamW with a 10% linear warm-up and cosine decay, 8-way TTA. Every choice was measured on both
     # splits (README, "Recipes and quality bar"); whole chain ~16 min on 2 cores.
     "pcam-cpu": {
-        "prepare": {"folds": 5},
+        "prepare": {"folds": 5, "mpp": 0.972},  # PCam's resolution, so the model can map whole slides
         "train": {"fold": "full", "arch": "pcam_cnn", "epochs": 50, "batch_size": 64, "lr": 2e-3,
                   "schedule": "cosine", "warmup": 0.1, "weight_decay": 1e-4, "augment": "stain"},
         "predict": {"tta": 8},

@@ -85,11 +85,13 @@ def downsample2(a: np.ndarray) -> np.ndarray:
 
 def build_slide(path, *, rows: int = 6, cols: int = 8, glass_cells=DEFAULT_GLASS, tumour=DEFAULT_TUMOUR,
                 levels: int = 3, layout: str = "ifd", mpp: float | None = MPP, margin: int = 0,
-                tile: int = 128, seed: int = 0, repeat: int = 1, skip: int = 0) -> SlideTruth:
+                tile: int = 128, seed: int = 0, repeat: int = 1, skip: int | tuple = 0) -> SlideTruth:
     """Write a pyramidal TIFF of rows x cols PCam cells (+ `margin` px of glass right and bottom).
 
     repeat: each patch pixel becomes repeat x repeat pixels (a higher-resolution scan of the same
-    tissue; cells are then CELL*repeat px and mpp should be divided by repeat)."""
+    tissue; cells are then CELL*repeat px and mpp should be divided by repeat).
+    skip: patches to pass over before the first one used, per class ((class 0, class 1), or one number
+    for both), so several slides can hold different patches."""
     path = str(path)
     rng = np.random.default_rng(seed)
     glass_set = {tuple(c) for c in glass_cells}
@@ -98,8 +100,9 @@ def build_slide(path, *, rows: int = 6, cols: int = 8, glass_cells=DEFAULT_GLASS
     is_tumour[r0:r1, c0:c1] = True
     patch_cells = [(r, c) for r in range(rows) for c in range(cols) if (r, c) not in glass_set]
     need1 = sum(is_tumour[r, c] for r, c in patch_cells)
-    ones = iter(pcam_patches(1, need1, skip=skip))
-    zeros = iter(pcam_patches(0, len(patch_cells) - need1, skip=skip))
+    skip0, skip1 = (skip, skip) if isinstance(skip, int) else skip
+    ones = iter(pcam_patches(1, need1, skip=skip1))
+    zeros = iter(pcam_patches(0, len(patch_cells) - need1, skip=skip0))
     cell = CELL * repeat
     height, width = rows * cell + margin, cols * cell + margin
     image = glass((height, width, 3), rng)
