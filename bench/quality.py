@@ -43,11 +43,12 @@ def run_script(script: str, flags: list[str], *, cwd: str) -> dict:
 
 
 def run_suite(*, recipe: str, source: str, input: str, test_input: str, extra_test: str, workdir: str,
-              seed: int) -> dict:
+              seed: int, train_flags: dict | None = None) -> dict:
     """prepare -> train -> predict (test shards) [-> predict --input=extra_test] through the scripts."""
     from histofold.presets import as_flags, get_recipe
 
     steps = get_recipe(recipe)
+    steps = {**steps, "train": {**steps["train"], **(train_flags or {})}}
     data_flags = [f"--source={source}", f"--input={input}"] + ([f"--test_input={test_input}"] if test_input else [])
     t0 = time.time()
     run_script("prepare_tfrecords.py", data_flags + as_flags(steps["prepare"]) + ["--overwrite"], cwd=workdir)
@@ -100,7 +101,7 @@ def run_seed_baseline(*, source: str, input: str, test_input: str, extra_test: s
 
 
 def main(*, source="folder", input="", test_input="", extra_test="", solution="", recipe="pcam-cpu",
-         workdir="", seeds="0", baseline=True, baseline_epochs=5):
+         workdir="", seeds="0", baseline=True, baseline_epochs=5, train_flags=""):
     """Run `recipe` end to end (per seed) and the seed-style baseline on the same sets; print AUCs and times.
 
     Args:
@@ -115,12 +116,17 @@ def main(*, source="folder", input="", test_input="", extra_test="", solution=""
         seeds: comma list of training seeds; with two or more the spread is printed.
         baseline: also run the seed-style baseline.
         baseline_epochs: epochs of the baseline.
+        train_flags: train.py flags that override the recipe's, as `key=value,key=value`
+            (e.g. `label_smoothing=0.1,epochs=25`), to measure one change on both splits.
     """
     if not input:
         input, test_input = DEFAULT_TRAIN, DEFAULT_VALID
         extra_test = extra_test or DEFAULT_TEST
     if source == "hcd" and not solution:
         raise ValueError("--source=hcd needs --solution=CSV (id,label of the test images) to score")
+    if isinstance(train_flags, (tuple, list)):  # fire splits a comma list into a tuple
+        train_flags = ",".join(map(str, train_flags))
+    overrides = dict(kv.split("=", 1) for kv in str(train_flags).split(",") if kv.strip()) if train_flags else {}
     seeds = [int(s) for s in str(seeds).replace("(", "").replace(")", "").split(",") if str(s).strip()]
     workdir = workdir or tempfile.mkdtemp(prefix="histofold-quality-")
     os.makedirs(workdir, exist_ok=True)
@@ -129,7 +135,7 @@ def main(*, source="folder", input="", test_input="", extra_test="", solution=""
     rows, load0 = [], os.getloadavg()[0]
     for seed in seeds:
         suite = run_suite(recipe=recipe, source=source, input=input, test_input=test_input, extra_test=extra_test,
-                          workdir=workdir, seed=seed)
+                          workdir=workdir, seed=seed, train_flags=overrides)
         aucs = [score(probs_csv=suite["probs"], submission_csv=suite["submission"], solution=solution or None)]
         if extra_test:
             aucs.append(suite["extra_auc"])
@@ -139,7 +145,7 @@ def main(*, source="folder", input="", test_input="", extra_test="", solution=""
     if baseline:
         base = run_seed_baseline(source=source, input=input, test_input=test_input, extra_test=extra_test,
                                  solution=solution or None, epochs=int(baseline_epochs))
-    print("\n=== quality: " + json.dumps({"recipe": recipe, "input": input, "seeds": seeds}))
+    print("\n=== quality: " + json.dumps({"recipe": recipe, "input": input, "seeds": seeds, "train_flags": overrides}))
     print(f"{'test set':34s} {'histofold':>10s} {'baseline':>9s}")
     base_aucs = [] if base is None else [base["auc"]] + [base["aucs"][extra_test]] * bool(extra_test)
     import numpy as np
