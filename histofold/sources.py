@@ -273,7 +273,8 @@ def _read_csv(path: str, *, required: tuple[str, ...], hint: str = "") -> list[d
         columns = reader.fieldnames or []
         missing = [c for c in required if c not in columns]
         if missing:
-            raise DataError(f"{path} has no column {', '.join(missing)} (columns: {', '.join(columns)})"
+            shown = ", ".join(c if c.isprintable() else repr(c) for c in columns)  # a quoted "a\nb" stays one line
+            raise DataError(f"{path} has no column {', '.join(missing)} (columns: {shown})"
                             + (f"; {hint}" if hint else ""))
         return list(reader)
     except csvlib.Error as e:
