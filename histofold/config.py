@@ -273,6 +273,16 @@ class PrepareConfig(Config):
             raise UsageError("--stain_ref needs --stain_norm=reinhard or macenko")
         if self.holdout and self.test_input:
             raise UsageError("--holdout makes a test set from the training images; drop it with --test_input")
+        if self.beam_args and self.runner != "beam":
+            raise UsageError("--beam_args is for --runner=beam; add --runner=beam or drop --beam_args")
+        if self.runner == "beam":
+            import shlex
+
+            try:
+                shlex.split(self.beam_args)
+            except ValueError as e:
+                raise UsageError(f"--beam_args={self.beam_args!r} does not parse as command-line flags ({e}); "
+                                 "quote it as one string, e.g. --beam_args='--runner=DataflowRunner --project=P'")
 
     @property
     def near_bits(self) -> int | None:

@@ -25,6 +25,7 @@ import gzip
 import hashlib
 import io
 import os
+import re
 import shutil
 import struct
 import tempfile
@@ -147,7 +148,10 @@ def decode_image_mode(data: bytes, *, name: str = "<bytes>") -> tuple[np.ndarray
     except ImageError:
         raise
     except Exception as e:  # Pillow raises OSError, SyntaxError, ValueError, EOFError, struct.error...
-        raise ImageError(f"truncated or unreadable image: {name}: {e}") from None
+        # Pillow names the buffer by its address ("<_io.BytesIO object at 0x7f..>"): dropped, so that
+        # rejects.csv is the same on every run
+        reason = re.sub(r"\s*<[^<>]* at 0x[0-9a-fA-F]+>", "", str(e))
+        raise ImageError(f"truncated or unreadable image: {name}: {reason}") from None
 
 
 def to_rgb(img: Image.Image) -> np.ndarray:
