@@ -17,12 +17,13 @@ import logging
 import tensorflow as tf
 
 from histofold import augment as aug
-from histofold import imageops, records
+from histofold import imageops, io, records
 from histofold.errors import UsageError
 from histofold.manifest import Manifest
 
 log = logging.getLogger("histofold")
 
+MIN_FILES_PER_WORKER = 2  # fewer shards than this per worker: shard by record (by file leaves workers uneven)
 CYCLE_LENGTH = 8          # shards read at once when training: enough mixing, bounded open files
 
 
@@ -130,7 +131,7 @@ def make_dataset(manifest, *, split: str = "train", folds=None, training: bool =
                  batch_size: int = 64, image_size=None, augment="none", mixup: float = 0.0,
                  label_mode: str = "binary", num_classes: int | None = None, class_weight=None,
                  with_ids: bool = False, cache: bool = False, seed: int = 0, repeat=None,
-                 shuffle_buffer: int = 2048, drop_remainder=None, check_hashes: bool = False):
+                 shuffle_buffer: int = 2048, drop_remainder=None, check_hashes: bool = False, shard=None):
     """Batches of (x (B, H, W, 3) float32 [0, 255], y[, w | id]) from the selected shards.
 
     `manifest`: a Manifest or a tfrecords directory. Its shard list is checked against the files first
@@ -139,13 +140,15 @@ def make_dataset(manifest, *, split: str = "train", folds=None, training: bool =
     no augmentation, remainder kept. `repeat` and `drop_remainder` override those defaults; see
     docs/design.md for the label shapes. `augment` is a preset name (augment.AUGMENT_PRESETS) or a
     callable `fn(images (B, H, W, 3) uint8 or float32, seed_pair (2,) int64) -> float32 [0, 255]`.
+    `shard=(workers, index)`: this worker's part only (`worker_part`: by file, or by record when there
+    are too few shards); the caller then hands the per-worker datasets to the strategy.
     """
     manifest = manifest if isinstance(manifest, Manifest) else Manifest.load(manifest)
     num_classes = manifest.num_classes if num_classes is None else num_classes
     _check_args(manifest=manifest, label_mode=label_mode, num_classes=num_classes, class_weight=class_weight,
                 with_ids=with_ids, training=training, mixup=mixup)
     manifest.check(split, folds, hashes=check_hashes)
-    files = manifest.files(split, folds)
+    part, files, n_records = worker_part(manifest, split, folds, shard=shard)
     if not files:
         raise UsageError(f"{manifest.directory} has no test shards: prepare a test set (--test_input or "
                          "--holdout) or predict new images with predict.py --input")
@@ -164,6 +167,8 @@ def make_dataset(manifest, *, split: str = "train", folds=None, training: bool =
                           num_parallel_calls=autotune, deterministic=True))
     else:
         ds = tf.data.TFRecordDataset(files)
+    if part == "data":
+        ds = ds.shard(shard[0], shard[1])                   # this worker's every n-th record
     if cache:
         ds = ds.cache()                                     # serialized records, in memory
     if training:
@@ -181,10 +186,30 @@ def make_dataset(manifest, *, split: str = "train", folds=None, training: bool =
     ds = ds.enumerate().map(lambda index, serialized: batch_fn(index, *decode(serialized)),
                             num_parallel_calls=autotune)
     if not repeat:  # a known length lets Keras size its progress and never warn "ran out of data"
-        n = manifest.count(split, folds)
+        n = n_records
         ds = ds.apply(tf.data.experimental.assert_cardinality(
             n // batch_size if drop_remainder else -(-n // batch_size)))
     return ds.prefetch(autotune)
+
+
+def worker_part(manifest: Manifest, split: str, folds, *, shard) -> tuple[str, list[str], int]:
+    """A worker's part of the selected shards (multi-worker training): ("file", its files, records) when
+    every worker gets at least MIN_FILES_PER_WORKER shards, else ("data", every file, its records: every
+    n-th one, taken by `ds.shard`); ("all", every file, every record) when `shard` is None. Logged."""
+    entries = manifest.shards(split, folds)
+    files = [io.join(manifest.directory, e["file"]) for e in entries]
+    total = sum(int(e["count"]) for e in entries)
+    if shard is None or shard[0] <= 1:
+        return "all", files, total
+    workers, index = shard
+    if len(files) >= MIN_FILES_PER_WORKER * workers:
+        mine = entries[index::workers]
+        log.info("input sharding over %d workers: FILE (worker %d reads %d of %d shards, %d records)", workers,
+                 index, len(mine), len(files), sum(int(e["count"]) for e in mine))
+        return "file", files[index::workers], sum(int(e["count"]) for e in mine)
+    log.info("input sharding over %d workers: DATA (%d shards, fewer than %d per worker: worker %d keeps every "
+             "%d-th record)", workers, len(files), MIN_FILES_PER_WORKER, index, workers)
+    return "data", files, (total - index + workers - 1) // workers
 
 
 def stream_dataset(generator, *, image_shape, image_size, batch_size: int):

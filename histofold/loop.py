@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import logging
 import math
+import shutil
+import tempfile
 import time
 
 import keras
@@ -42,7 +44,7 @@ def train_fold(config: TrainConfig, fold, *, manifest: Manifest | None = None) -
     """Train one fold (an int: validate on it, train on the others; "full": train on all) end to end.
 
     Returns the summary also written to metrics.json."""
-    from histofold import data, losses, models, schedules, strategy as strat
+    from histofold import strategy as strat
 
     manifest = manifest or Manifest.load(config.tfrecords)
     config = config.replace(fold=str(fold))
@@ -50,11 +52,29 @@ def train_fold(config: TrainConfig, fold, *, manifest: Manifest | None = None) -
     if run.is_complete() and not config.overwrite:
         log.info("%s already finished; pass --overwrite to retrain", run.path)
         return run.metrics()
-    run.start(overwrite=config.overwrite)
-    _attach_log_file(run)
 
     # Device and precision come first: datasets and variables are created under them.
     strategy, strategy_desc = strat.resolve_strategy(config.strategy)
+    if strat.is_chief(strategy):
+        return _fit_fold(config, fold, manifest=manifest, run=run, strategy=strategy, strategy_desc=strategy_desc)
+    # Multi-worker, not the chief: the same steps (saving weights takes part in collectives), into a
+    # scratch directory of this machine that is deleted after; the chief alone writes the run directory.
+    scratch = tempfile.mkdtemp(prefix=f"histofold-worker{strat.task_index(strategy)}-")
+    try:
+        summary = _fit_fold(config, fold, manifest=manifest, run=RunDir.of(scratch, config.run_name, fold),
+                            strategy=strategy, strategy_desc=strategy_desc)
+    finally:
+        _detach_log_file()
+        shutil.rmtree(scratch, ignore_errors=True)
+    return {**summary, "run_dir": run.path}
+
+
+def _fit_fold(config: TrainConfig, fold, *, manifest: Manifest, run: RunDir, strategy, strategy_desc: str) -> dict:
+    """train_fold's work once the strategy is known: run directory, sizes, datasets, model, fit, finish."""
+    from histofold import data, losses, models, schedules, strategy as strat
+
+    run.start(overwrite=config.overwrite)
+    _attach_log_file(run)
     policy = strat.apply_precision(strat.resolve_precision(config.precision, strategy=strategy))
     keras.utils.set_random_seed(config.seed)
     replicas = strategy.num_replicas_in_sync
@@ -83,11 +103,13 @@ def train_fold(config: TrainConfig, fold, *, manifest: Manifest | None = None) -
 
     label_mode = "binary" if manifest.num_classes == 2 else "categorical"
     common = dict(image_size=image_size, label_mode=label_mode)
-    train_ds = data.make_dataset(manifest, split="train", folds=train_folds, training=True,
-                                 batch_size=global_batch, augment=config.augment, mixup=config.mixup,
-                                 class_weight=class_weight, cache=config.cache, seed=config.seed, **common)
-    val_ds = (data.make_dataset(manifest, split="train", folds=val_folds, training=False,
-                                batch_size=global_batch, **common) if val_folds else None)
+    train_ds = _per_worker(strategy, lambda batch_size, shard: data.make_dataset(
+        manifest, split="train", folds=train_folds, training=True, batch_size=batch_size, augment=config.augment,
+        mixup=config.mixup, class_weight=class_weight, cache=config.cache, seed=config.seed, shard=shard, **common),
+        global_batch=global_batch, shard=True)
+    val_ds = (_per_worker(strategy, lambda batch_size, shard: data.make_dataset(
+        manifest, split="train", folds=val_folds, training=False, batch_size=batch_size, **common),
+        global_batch=global_batch, shard=False) if val_folds else None)
 
     with strategy.scope():
         model, weights_used = _build(config, num_classes=manifest.num_classes, image_size=image_size)
@@ -120,6 +142,20 @@ def train_fold(config: TrainConfig, fold, *, manifest: Manifest | None = None) -
 
 # --------------------------------------------------------------------------------------- helpers
 
+def _per_worker(strategy, build, *, global_batch: int, shard: bool):
+    """One machine: build(batch_size=global batch, shard=None). Multi-worker: every worker builds its own
+    pipeline at the per-replica batch size, reading its part of the shards (`shard`: training) or all of
+    them (validation: equal step counts keep the workers' collectives in step, and metrics summed over
+    duplicated batches equal one machine's)."""
+    from histofold import strategy as strat
+
+    if strat.num_workers(strategy) <= 1:
+        return build(batch_size=global_batch, shard=None)
+    return strategy.distribute_datasets_from_function(lambda ctx: build(
+        batch_size=ctx.get_per_replica_batch_size(global_batch),
+        shard=(ctx.num_input_pipelines, ctx.input_pipeline_id) if shard else None))
+
+
 class reading:
     """Context manager at the train/predict boundary: a corrupt shard (TensorFlow's DataLossError, or a
     record that does not decode) becomes an IntegrityError naming the shard and record."""
@@ -146,12 +182,16 @@ class reading:
                              "command (it rewrites bad shards)") from None
 
 
-def _attach_log_file(run: RunDir) -> None:
-    """train.log gets everything the histofold logger says (appending, so a resumed run keeps its past)."""
+def _detach_log_file() -> None:
     for h in list(log.handlers):
         if isinstance(h, logging.FileHandler):
             log.removeHandler(h)
             h.close()
+
+
+def _attach_log_file(run: RunDir) -> None:
+    """train.log gets everything the histofold logger says (appending, so a resumed run keeps its past)."""
+    _detach_log_file()
     if io.is_url(run.path):
         return  # a FileHandler needs a local path; remote runs log to stderr only
     handler = logging.FileHandler(run.file(LOG), mode="a")
@@ -323,12 +363,26 @@ def _finish(config: TrainConfig, *, model, run: RunDir, resolved: dict, manifest
         summary.update(best_monitor=_best_so_far(run, resolved["monitor"], resolved["first_eligible_epoch"] - 1)
                        if resolved["monitor"] != "last" else None, n_oof=len(oof))
     io.write_json(run.file(METRICS), summary)
+    summary["weights_digest"] = weights_digest(model)  # equal on every worker of a multi-worker run
     for stage in range(2):
         io.rmtree(run.file(f"backup{stage}"))
     run.mark_complete()
     log.info("fold %s done: %s", fold, ", ".join(f"{k}={summary[k]:.4f}" if isinstance(summary[k], float)
                                                    else f"{k}={summary[k]}" for k in SUMMARY_KEYS if k in summary))
     return summary
+
+
+def weights_digest(model) -> str:
+    """sha256 over every weight array of the model (order and values): two models with the same digest
+    hold the same weights, whatever the file bytes."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for w in model.weights:
+        a = np.ascontiguousarray(keras.ops.convert_to_numpy(w))
+        h.update(f"{w.path}:{a.dtype}:{a.shape}".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
 
 
 def _oof_metrics(oof, classes: list[str]) -> dict:

@@ -99,8 +99,61 @@ def _multiworker(tpu):
         workers = len(json.loads(raw).get("cluster", {}).get("worker", []))
     except json.JSONDecodeError as e:
         raise UsageError(f"TF_CONFIG is not valid JSON ({e}); fix the environment variable") from None
-    strategy = tf.distribute.MultiWorkerMirroredStrategy()
+    strategy = _multiworker_class()()
     return strategy, f"MultiWorkerMirroredStrategy ({workers} workers, {strategy.num_replicas_in_sync} replicas)"
+
+
+def _cluster(strategy) -> tuple[str | None, int, dict]:
+    """(this task's type, its index, the cluster spec as a dict) of a multi-worker strategy; (None, 0, {})
+    for every other strategy (one machine: nothing to coordinate)."""
+    import tensorflow as tf
+
+    if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        return None, 0, {}
+    resolver = strategy.cluster_resolver
+    return resolver.task_type, int(resolver.task_id or 0), resolver.cluster_spec().as_dict()
+
+
+def is_chief(strategy) -> bool:
+    """Whether this process writes the run directory: always on one machine; in multi-worker training
+    the "chief" task, or worker 0 when the cluster has no chief (TensorFlow's convention)."""
+    task_type, index, cluster = _cluster(strategy)
+    if task_type in (None, "chief"):
+        return True
+    return task_type == "worker" and index == 0 and "chief" not in cluster
+
+
+def task_index(strategy) -> int:
+    """This worker's index in TF_CONFIG (0 on one machine)."""
+    return _cluster(strategy)[1]
+
+
+def num_workers(strategy) -> int:
+    """Machines taking part in training: chief + workers of TF_CONFIG's cluster (1 on one machine)."""
+    _, _, cluster = _cluster(strategy)
+    return max(1, len(cluster.get("chief", [])) + len(cluster.get("worker", [])))
+
+
+def _multiworker_class():
+    """MultiWorkerMirroredStrategy whose `reduce` takes what Keras 3's fit hands it (keras-team/keras#20585,
+    still so in Keras 3.15): a nested structure (its first (x, y, w) batch, to build the model: "Attempt
+    to convert a value (PerReplica...) to a Tensor") is reduced leaf by leaf, and a scalar with axis=0
+    (every epoch's logs: "Invalid reduction dimension 0 for input with 0 dimensions") across replicas
+    only. Everything else reaches the stock reduce unchanged."""
+    import tensorflow as tf
+
+    class NestedReduceMultiWorkerMirroredStrategy(tf.distribute.MultiWorkerMirroredStrategy):
+        def reduce(self, reduce_op, value, axis):
+            parent = super()
+
+            def one(v):
+                scalar = all(getattr(t, "shape", None) is not None and t.shape.rank == 0
+                             for t in self.experimental_local_results(v))
+                return parent.reduce(reduce_op, v, axis=None if scalar else axis)
+
+            return tf.nest.map_structure(one, value)
+
+    return NestedReduceMultiWorkerMirroredStrategy
 
 
 def _one_device(tpu):
