@@ -307,7 +307,7 @@ class _BestCheckpoint(keras.callbacks.Callback):
 
 def _callbacks(config: TrainConfig, *, run: RunDir, monitor: str, stage: int, first_eligible: int) -> list:
     cbs = [
-        _LearningRateLogger(),  # before CSVLogger so the LR lands in history.csv
+        _LearningRateLogger(),  # before _HistoryCSV so the LR lands in history.csv
         _TerminateOnNaN(config),
         # BackupAndRestore before SwapEMAWeights: the backup holds the raw weights and the optimizer's EMA
         keras.callbacks.BackupAndRestore(run.file(f"backup{stage}")),
@@ -317,7 +317,7 @@ def _callbacks(config: TrainConfig, *, run: RunDir, monitor: str, stage: int, fi
     if monitor != "last":
         cbs.append(_BestCheckpoint(run.file(WEIGHTS), monitor=monitor, first_eligible=first_eligible,
                                    best=_best_so_far(run, monitor, first_eligible)))
-    cbs.append(keras.callbacks.CSVLogger(run.file(HISTORY), append=True))
+    cbs.append(_HistoryCSV(run.file(HISTORY)))
     if config.patience:
         cbs.append(keras.callbacks.EarlyStopping(monitor=monitor, mode="min" if "loss" in monitor else "max",
                                                  patience=config.patience, start_from_epoch=first_eligible))
@@ -398,8 +398,26 @@ def _oof_metrics(oof, classes: list[str]) -> dict:
             if isinstance(v, (int, float, np.floating, np.integer)) and not isinstance(v, bool)}
 
 
+class _HistoryCSV(keras.callbacks.Callback):
+    """history.csv, one row per epoch appended (epoch, then the logs' keys sorted, like Keras' CSVLogger),
+    written whole through histofold.io at every epoch end: it works on gs:// and ram:// (CSVLogger keeps a
+    file handle open, and a GFile has no `closed`), and a reader never sees half a row."""
+
+    def __init__(self, path: str):
+        super().__init__()
+        self.path = path
+
+    def on_epoch_end(self, epoch, logs=None):
+        import pandas as pd
+
+        logs = logs or {}
+        row = pd.DataFrame([{"epoch": epoch, **{k: logs[k] for k in sorted(logs)}}])
+        old = io.read_csv(self.path) if io.exists(self.path) else None
+        io.write_csv(self.path, row if old is None else pd.concat([old, row], ignore_index=True))
+
+
 class _LearningRateLogger(keras.callbacks.Callback):
-    """Adds the optimizer's current LR to the epoch logs as `lr` (CSVLogger then records it)."""
+    """Adds the optimizer's current LR to the epoch logs as `lr` (_HistoryCSV then records it)."""
 
     def on_epoch_end(self, epoch, logs=None):
         if logs is not None:
