@@ -2,6 +2,7 @@
 # Both create .venv on first use. Override the TensorFlow package per machine:
 #   make test TF_PACKAGE='tensorflow[and-cuda]==2.21.*'     # GPU box
 #   make demo TF_PACKAGE=none                               # Kaggle/Colab/TPU VM: keep the shipped TF
+# requirements-beam.txt (Apache Beam, ~11 s to install) is in, so tests/test_beam.py runs under `make test`.
 PYTHON ?= python3
 VENV ?= .venv
 TF_PACKAGE ?= tensorflow-cpu==2.21.*
@@ -12,10 +13,11 @@ PYTEST_ARGS ?=
 
 venv: $(VENV)/.installed
 
-$(VENV)/.installed: requirements.txt requirements-dev.txt
+$(VENV)/.installed: requirements.txt requirements-dev.txt requirements-beam.txt
 	test -x $(PY) || $(PYTHON) -m venv $(if $(filter none,$(TF_PACKAGE)),--system-site-packages,) $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q $(if $(filter none,$(TF_PACKAGE)),,"$(TF_PACKAGE)") -r requirements.txt -r requirements-dev.txt
+	$(PY) -m pip install -q $(if $(filter none,$(TF_PACKAGE)),,"$(TF_PACKAGE)") -r requirements.txt -r requirements-dev.txt \
+		-r requirements-beam.txt
 	touch $@
 
 test: venv
