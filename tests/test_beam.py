@@ -35,12 +35,12 @@ def make_folder(root, *, per_class=14, size=24, seed=0):
     return root
 
 
-def run_both(tmp_path, **kw):
+def run_both(tmp_path, beam_args="", **kw):
     """The same prepare twice, local pool and Beam DirectRunner, in sibling folders."""
     out = {}
     for runner in ("local", "beam"):
         config = PrepareConfig(out=str(tmp_path / runner / "tfrecords"), folds_dir=str(tmp_path / runner / "folds"),
-                               runner=runner, workers=1, **kw)
+                               runner=runner, workers=1, beam_args=beam_args if runner == "beam" else "", **kw)
         out[runner] = prepare(config)
     return out
 
@@ -157,3 +157,12 @@ def test_beam_args_validation():
     with pytest.raises(UsageError, match="does not parse"):
         PrepareConfig(source="synthetic", runner="beam", beam_args="--project='unclosed")
     assert PrepareConfig(source="synthetic", runner="beam", beam_args="--direct_num_workers=2").runner == "beam"
+
+
+def test_beam_multi_processing_direct_runner_same_dataset(tmp_path):
+    """Work items pickled to separate SDK worker processes (what a cluster runner does) change nothing."""
+    _needs_beam()
+    run_both(tmp_path, source="synthetic", source_options={"count": 30, "test_count": 6, "image_size": 16},
+             folds=2, shard_mb=0.004,
+             beam_args="--direct_num_workers=2 --direct_running_mode=multi_processing")
+    assert_same_dataset(tmp_path)
