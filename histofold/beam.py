@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import os
 import pickle
 import shlex
 import time
@@ -46,9 +47,26 @@ def _beam():
 
 def pipeline_options(beam_args: str):
     """PipelineOptions from --beam_args ('' = the DirectRunner on this machine)."""
-    from apache_beam.options.pipeline_options import PipelineOptions
+    from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
-    return PipelineOptions(shlex.split(beam_args or ""))
+    options = PipelineOptions(shlex.split(beam_args or ""))
+    runner = options.view_as(StandardOptions).runner or "DirectRunner"
+    if runner in ("DirectRunner", "direct", "BundleBasedDirectRunner", "SwitchingDirectRunner"):
+        _importable_by_local_workers()
+    elif not any(flag in (beam_args or "") for flag in ("--setup_file", "--sdk_container_image",
+                                                         "--environment_config", "--extra_package")):
+        log.warning("warning: --beam_args runs on %s without --setup_file: its workers cannot import histofold "
+                    "unless their image has it; add --setup_file=./setup.py (README, Scaling out)", runner)
+    return options
+
+
+def _importable_by_local_workers() -> None:
+    """The DirectRunner's multi_processing workers are fresh interpreters that import the work items'
+    functions: put histofold's folder on their PYTHONPATH (remote workers get it from --setup_file)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    paths = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    if root not in paths:
+        os.environ["PYTHONPATH"] = os.pathsep.join([root] + paths)
 
 
 # ---------------------------------------------------------------- work items

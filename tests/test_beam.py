@@ -159,10 +159,26 @@ def test_beam_args_validation():
     assert PrepareConfig(source="synthetic", runner="beam", beam_args="--direct_num_workers=2").runner == "beam"
 
 
-def test_beam_multi_processing_direct_runner_same_dataset(tmp_path):
-    """Work items pickled to separate SDK worker processes (what a cluster runner does) change nothing."""
+def test_beam_multi_processing_direct_runner_same_dataset(tmp_path, monkeypatch):
+    """Work items pickled to separate SDK worker processes (what a cluster runner does) change nothing;
+    the workers import histofold even when the command runs outside the checkout."""
     _needs_beam()
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("PYTHONPATH", raising=False)
     run_both(tmp_path, source="synthetic", source_options={"count": 30, "test_count": 6, "image_size": 16},
              folds=2, shard_mb=0.004,
              beam_args="--direct_num_workers=2 --direct_running_mode=multi_processing")
     assert_same_dataset(tmp_path)
+
+
+def test_remote_runner_without_setup_file_warns(caplog):
+    _needs_beam()
+    from histofold import beam
+
+    with caplog.at_level("WARNING", logger="histofold"):
+        beam.pipeline_options("--runner=DataflowRunner --project=p")
+    assert "--setup_file=./setup.py" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="histofold"):
+        beam.pipeline_options("--runner=DataflowRunner --project=p --setup_file=./setup.py")
+    assert caplog.text == ""
