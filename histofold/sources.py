@@ -693,7 +693,7 @@ def _chaoyang_entries(path: str) -> list[dict]:
         raise DataError(f"{path} must hold a JSON list of {{\"name\": ..., \"label\": ...}} entries")
     for i, e in enumerate(entries):
         if not isinstance(e, dict) or not isinstance(e.get("name"), str):
-            raise DataError(f"{path} entry {i} ({str(e)[:80]}) has no string \"name\"")
+            raise DataError(f"{path} entry {i} ({json.dumps(e)[:80]}) has no string \"name\"")  # escaped: one line
     return entries
 
 
