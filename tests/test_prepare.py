@@ -274,3 +274,26 @@ def test_png_and_raw_records_are_lossless():
     assert records.encode_image(rgb, "png") == imageio.encode_png(rgb)   # the one PNG encoder
     np.testing.assert_array_equal(imageio.decode_image(records.encode_image(rgb, "png")), rgb)
     np.testing.assert_array_equal(np.frombuffer(records.encode_image(rgb, "raw"), np.uint8).reshape(rgb.shape), rgb)
+
+
+def test_mode_conversions_are_counted_in_the_summary(tmp_path):
+    """RGBA, L, I;16 and P inputs are converted to RGB (imageio's rules) and counted by source mode, not
+    converted silently; RGB inputs are not counted."""
+    rng = np.random.default_rng(0)
+    rgb = lambda: rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)  # noqa: E731
+    makers = {"RGB": lambda: Image.fromarray(rgb()),
+              "RGBA": lambda: Image.fromarray(np.dstack([rgb(), np.full((16, 16), 200, np.uint8)])),
+              "L": lambda: Image.fromarray(rgb()[..., 0]),
+              "I;16": lambda: Image.fromarray(rng.integers(0, 65535, (16, 16), dtype=np.uint16)),
+              "P": lambda: Image.fromarray(rgb()).quantize(16)}
+    counts = {"RGB": 4, "RGBA": 3, "L": 2, "I;16": 2, "P": 1}
+    for k, (mode, n) in enumerate(counts.items()):
+        for i in range(n):
+            cls = ["a", "b"][(k + i) % 2]
+            (tmp_path / "in" / cls).mkdir(parents=True, exist_ok=True)
+            image = makers[mode]()
+            assert image.mode == mode
+            image.save(tmp_path / "in" / cls / f"{mode.replace(';', '')}-{i}.png")
+    summary, _ = run(tmp_path, source="folder", input=str(tmp_path / "in"), folds=2, near_dup=-1)
+    assert summary["written"] == 12 and summary["rejected"] == 0
+    assert summary["mode_conversions"] == {"I;16": 2, "L": 2, "P": 1, "RGBA": 3}
