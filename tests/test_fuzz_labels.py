@@ -198,7 +198,7 @@ def test_chaoyang_entries_are_items_or_rejects(entries, encoding, with_files):
         return int_label(value, 4) if isinstance(value, (int, str)) and not isinstance(value, bool) else None
 
     rows = [(stem(f"train/{i}.JPG"), spec(v) if keep else None, json.dumps(v if keep else None)) for i, v, keep in entries]
-    items, conflicting, repeats = expected_items([(i, s if s is not None else raw) for i, s, raw in rows], num_classes=4,
+    items, conflicting, repeats = expected_items([(i, s if s is not None else "invalid:" + raw) for i, s, raw in rows], num_classes=4,
                                         has_file={f"train/{n}" for n in with_files}.__contains__)
     assert {it.id: it.label for it in listing.train} == items
     assert {i for i, _, _ in rows} <= set(items) | {r["id"] for r in listing.rejects}
