@@ -1,5 +1,5 @@
 """Figures of the evaluation report: ROC/PR curves, confusion matrices, calibration, training curves,
-class balance, run comparison, the Grad-CAM gallery. Every function takes a run (anything with the
+class balance, TTA (OOF and test apart), run comparison, the Grad-CAM gallery. Every function takes a run (anything with the
 report's `Run` attributes: name, classes, binary, oof, probs(), histories, configs, fold_dirs) and
 returns a matplotlib Figure (the Figure API: no pyplot, no global state, no GUI backend)."""
 from __future__ import annotations
@@ -238,6 +238,36 @@ def fig_class_balance(run):
     ax.set(ylabel="images", title=f"Class balance per validation fold (OOF labels) - {run.name}")
     ax.legend(title="class", ncol=1 if k <= 4 else 2, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     ax.grid(axis="x", visible=False)
+    fig.tight_layout()
+    return fig
+
+
+TTA_PANELS = (("oof", "Out-of-fold (OOF, pooled)", "n_oof"), ("test", "Held-out test (fold ensemble)", "n_test"))
+
+
+def fig_tta(run, tta: dict):
+    """Score per TTA size as bars, one panel per source: OOF (pooled out-of-fold) and held-out test
+    (fold ensemble) never share an axis, and every title, label and bar says which it is.
+
+    tta: {"metric": "roc_auc" | "accuracy", "oof": {n: score}, "test": {n: score}, "n_oof", "n_test"}."""
+    panels = [(key, title, tta[n_key]) for key, title, n_key in TTA_PANELS if tta.get(key)]
+    metric = "ROC AUC" if tta["metric"] == "roc_auc" else "accuracy"
+    fig = new_figure(4.8 * len(panels) + 0.6, 4.2)
+    axes = np.atleast_1d(fig.subplots(1, len(panels)))
+    for ax, (key, title, n_images), color in zip(axes, panels, palette(2)):
+        scores = dict(sorted(tta[key].items()))
+        where = "OOF" if key == "oof" else "test"
+        labels = [f"{where} TTA x{n}" for n in scores]
+        bars = ax.bar(labels, list(scores.values()), color=color, width=0.6)
+        ax.bar_label(bars, labels=[f"{v:.4f}" for v in scores.values()], fontsize=8, padding=1)
+        values = np.array(list(scores.values()), dtype=float)
+        lo, hi = float(np.nanmin(values)), float(np.nanmax(values))
+        pad = max(0.01, (hi - lo) * 0.5)
+        ax.set_ylim(max(0.0, lo - pad), min(1.0, hi + pad) + 0.005)
+        ax.set(title=f"{title}: {metric} by TTA, n={n_images}", xlabel="TTA size (dihedral transforms averaged)",
+               ylabel=f"{where} {metric}")
+        ax.grid(axis="x", visible=False)
+    fig.suptitle(f"Test-time augmentation - {run.name}", fontsize=12)
     fig.tight_layout()
     return fig
 

@@ -11,6 +11,7 @@ import base64
 import datetime
 import html
 import math
+import re
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -103,6 +104,9 @@ def build_report(run_dirs: list[str], *, out_dir: str, name: str, compare: list[
     report_dir = io.join(out_dir, name)
     io.makedirs(io.join(report_dir, FIG_DIR))
     results = _metrics_section(run, n_boot=n_boot, seed=seed)
+    results["settings"] = run_settings(run)
+    results["test"] = _test_section(run, n_boot=n_boot, seed=seed, oof_name=oof_name)
+    results["tta"] = _tta_section(run, results["test"])
     figures = _figures(run, results)
     others = [load_run([c], name=runs_mod.run_name(c), oof_name=oof_name) for c in (compare or [])]
     if others:
@@ -176,8 +180,30 @@ def _metrics_section(run: Run, *, n_boot: int, seed: int) -> dict:
     conf_input = P[:, 1] if run.binary else P
     calibration = {"ece": metrics.expected_calibration_error(y, conf_input),
                    "bins": metrics.reliability_bins(y, conf_input)}
+    summary = {k: {"mean": m, "std": s} for k, (m, s) in summary.items()}
+    key = "auc" if run.binary else "macro_auc"
+    agreement = pooled_vs_folds(overall[key], summary.get(key, {}).get("mean", math.nan),
+                                summary.get(key, {}).get("std", math.nan), metric=key)
     return {"task": "binary" if run.binary else "multiclass", "overall": overall, "folds": per_fold,
-            "summary": {k: {"mean": m, "std": s} for k, (m, s) in summary.items()}, "calibration": calibration}
+            "summary": summary, "pooled_vs_folds": agreement, "calibration": calibration,
+            "slides": slide_metrics(run.oof, run.classes)}
+
+
+AUC_GAP = 0.01  # |pooled - mean fold| AUC beyond this (or beyond the folds' sd) gets the note below
+DIVERGE_NOTE = ("pooled OOF AUC mixes fold calibrations; folds' scores are not on one scale - see per-fold "
+                "table")
+
+
+def pooled_vs_folds(pooled: float, mean: float, sd: float, *, metric: str = "auc") -> dict:
+    """The pooled OOF AUC beside the mean fold AUC +- sample sd, and whether they diverge.
+
+    Pooling ranks every image against images of other folds, scored by other models: when the fold
+    models are calibrated differently the pooled AUC drops below (or rises above) the folds' own. The
+    two diverge when |pooled - mean| > AUC_GAP or > sd (sd NaN with one fold: only the first test)."""
+    gap = float(pooled) - float(mean)
+    diverge = math.isfinite(gap) and (abs(gap) > AUC_GAP or (math.isfinite(sd) and abs(gap) > sd))
+    return {"metric": metric, "pooled": float(pooled), "mean": float(mean), "sd": float(sd), "gap": gap,
+            "diverge": bool(diverge), "note": DIVERGE_NOTE if diverge else ""}
 
 
 def _evaluate(run: Run, y: np.ndarray, P: np.ndarray, *, n_boot: int, seed: int) -> dict:
@@ -196,10 +222,26 @@ def _flat(m: dict) -> dict:
 
 
 def _headline(run: Run, results: dict) -> dict:
-    o = results["overall"]
+    """What evaluate.py prints: pooled OOF metrics, the mean fold AUC +- sd beside the pooled one (and
+    the note when they diverge), held-out test and slide-level metrics when the report has them."""
+    o, agree = results["overall"], results["pooled_vs_folds"]
     if run.binary:
-        return {"auc": o["auc"], "auc_ci": o["auc_ci"], "accuracy": o["at_0.5"]["accuracy"]}
-    return {"accuracy": o["accuracy"], "macro_f1": o["macro_f1"], "macro_auc": o["macro_auc"]}
+        out = {"auc": o["auc"], "auc_ci": o["auc_ci"], "mean_fold_auc": agree["mean"], "fold_auc_sd": agree["sd"],
+               "accuracy": o["at_0.5"]["accuracy"]}
+    else:
+        out = {"accuracy": o["accuracy"], "macro_f1": o["macro_f1"], "macro_auc": o["macro_auc"],
+               "mean_fold_macro_auc": agree["mean"], "fold_macro_auc_sd": agree["sd"]}
+    if agree["diverge"]:
+        out["auc_note"] = agree["note"]
+    test = results.get("test") or {}
+    if "overall" in test:
+        t = test["overall"]
+        out.update({"test_auc": t["auc"], "test_accuracy": t["at_0.5"]["accuracy"]} if run.binary else
+                   {"test_accuracy": t["accuracy"], "test_macro_f1": t["macro_f1"]})
+    for where, sl in (("", results.get("slides")), ("test_", test.get("slides"))):
+        if sl and "roc_auc" in sl:
+            out.update({f"{where}slide_auc": sl["roc_auc"], f"{where}n_slides": sl["n_slides"]})
+    return out
 
 
 def _compare(run: Run, other: Run, *, n_boot: int, seed: int) -> dict:
@@ -243,6 +285,176 @@ def _meta(run: Run, *, tfrecords, figures: dict) -> dict:
             "created": datetime.datetime.now().isoformat(timespec="seconds"), "figures": figures}
 
 
+# ------------------------------------------------------------------------------------------ settings
+
+# (label, how to read it from a fold's config.json: TrainConfig flags merged with its "resolved" facts)
+SETTINGS = [
+    ("architecture", lambda c: c.get("arch")),
+    ("weights", lambda c: c.get("weights_resolved", c.get("weights"))),
+    ("model input size", lambda c: _size(c.get("image_size"))),
+    ("stored patch size", lambda c: _size(c.get("stored_image_size"))),
+    ("epochs", lambda c: c.get("epochs")),
+    ("batch size (global)", lambda c: c.get("global_batch", c.get("batch_size"))),
+    ("learning rate (flag / scaled)", lambda c: _parts(c.get("lr"), c.get("lr_scaled", c.get("lr")))),
+    ("optimizer, weight decay", lambda c: _parts(c.get("optimizer"), c.get("weight_decay"), sep=", ")),
+    ("schedule, warm-up", lambda c: _parts(c.get("schedule"), c.get("warmup"), sep=", ")),
+    ("augmentation", lambda c: c.get("augment")),
+    ("mixup / label smoothing / focal", lambda c: _parts(c.get("mixup"), c.get("label_smoothing"), c.get("focal"))),
+    ("class weight", lambda c: _short_value(c.get("class_weight"))),
+    ("EMA / dropout", lambda c: _parts(c.get("ema"), c.get("dropout"))),
+    ("stain normalization", lambda c: (c.get("stain") or {}).get("method", "none")),
+    ("OOF TTA", lambda c: c.get("oof_tta")),
+    ("folds (validation / all)", lambda c: _folds_text(c)),
+    ("seed", lambda c: c.get("seed")),
+    ("precision", lambda c: c.get("precision")),
+    ("strategy", lambda c: c.get("strategy")),
+    ("monitor, patience", lambda c: _parts(c.get("monitor"), c.get("patience"), sep=", ")),
+    ("fine-tuned from", lambda c: c.get("init_run") or "-"),
+    ("tfrecords", lambda c: c.get("tfrecords")),
+]
+
+
+def run_settings(run: Run) -> list[dict]:
+    """The run's settings from its folds' config.json: [{setting, value, varies}], value of the first
+    fold; `varies` lists every fold's value when the folds were not trained alike (fold-specific
+    entries such as the validation fold are shown per fold by construction)."""
+    rows = []
+    for label, read in SETTINGS:
+        values = [_short_value(read(c)) for c in run.configs]
+        fold_specific = label.startswith("folds")
+        varies = "" if fold_specific or len(set(values)) == 1 else " | ".join(values)
+        value = ", ".join(values) if fold_specific else values[0]
+        rows.append({"setting": label, "value": value, "varies": varies})
+    return rows
+
+
+def _size(v) -> str:
+    return "x".join(str(int(x)) for x in v) if isinstance(v, (list, tuple)) else _short_value(v)
+
+
+def _short_value(v) -> str:
+    if isinstance(v, dict):
+        return ", ".join(f"{k}: {_short_value(x)}" for k, x in v.items())
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return "-" if v is None or v == "" else str(v)
+
+
+def _parts(*values, sep: str = " / ") -> str:
+    return sep.join(_short_value(v) for v in values)
+
+
+def _folds_text(c: dict) -> str:
+    if "val_folds" not in c:
+        return "-"
+    val, train = c.get("val_folds") or [], c.get("train_folds") or []
+    return f"{','.join(map(str, val)) or 'none (full)'} / {len(val) + len(train)}"
+
+
+# ------------------------------------------------------------------------------------------ held-out test
+
+TEST_RE = re.compile(r"^test_tta(\d+)\.csv$")
+OOF_TTA_RE = re.compile(r"^oof_tta(\d+)\.csv$")
+
+
+def _tta_files(fold_dirs: list[str], pattern: re.Pattern) -> list[int]:
+    """TTA sizes n whose file (test_tta<n>.csv / oof_tta<n>.csv) every fold directory holds, ascending."""
+    common = None
+    for d in fold_dirs:
+        found = {int(m.group(1)) for m in map(pattern.match, io.listdir(d)) if m}
+        common = found if common is None else common & found
+    return sorted(common or ())
+
+
+def test_frame(run: Run, n: int) -> pd.DataFrame:
+    """The fold ensemble (mean, as predict.py --ensemble=mean) of the folds' test_tta<n>.csv, with labels
+    (and the slide column when the predictions carry one), in the first fold's row order."""
+    from histofold import ensemble
+
+    frames = [io.read_csv(io.join(d, f"test_tta{n}.csv"), dtype={"id": str, "slide": str}) for d in run.fold_dirs]
+    ens = ensemble.ensemble(frames, method="mean", names=[io.join(d, f"test_tta{n}.csv") for d in run.fold_dirs])
+    extra = [c for c in ("label", "slide") if c in frames[0]]
+    return ens.merge(frames[0][["id", *extra]], on="id", how="left")
+
+
+def _test_section(run: Run, *, n_boot: int, seed: int, oof_name: str) -> dict:
+    """Metrics of the held-out test set when predict.py scored it (test_tta<n>.csv in every fold) and its
+    rows are labeled: the fold ensemble overall, each fold model alone, slide-level when slide ids exist.
+    The TTA is the one of `oof_name` (oof_tta<n>.csv) when predicted, else the largest."""
+    sizes = _tta_files(run.fold_dirs, TEST_RE)
+    if not sizes:
+        return {"skipped": "no test predictions: run predict.py (it writes test_tta<n>.csv into every fold)"}
+    m = OOF_TTA_RE.match(oof_name)
+    n = int(m.group(1)) if m and int(m.group(1)) in sizes else sizes[-1]
+    frame = test_frame(run, n)
+    if "label" not in frame or (frame["label"] < 0).any() or frame["label"].isna().any():
+        return {"skipped": f"the test set is unlabeled ({len(frame)} images): no test metrics", "tta": n}
+    y = frame["label"].to_numpy(int)
+    folds = []
+    for d in run.fold_dirs:
+        f = io.read_csv(io.join(d, f"test_tta{n}.csv"), dtype={"id": str}).set_index("id").loc[frame["id"]]
+        folds.append({"fold": io.basename(d), **_flat(_evaluate(run, y, run.probs(f), n_boot=n_boot, seed=seed))})
+    return {"tta": n, "ensemble": "mean", "n": int(len(frame)), "sizes": sizes,
+            "overall": _evaluate(run, y, run.probs(frame), n_boot=n_boot, seed=seed), "folds": folds,
+            "slides": slide_metrics(frame, run.classes)}
+
+
+# ------------------------------------------------------------------------------------------ TTA
+
+def _score(run: Run, frame: pd.DataFrame) -> float:
+    """The TTA figure's number: ROC AUC of P(class 1) (binary) or accuracy (multi-class)."""
+    y, P = frame["label"].to_numpy(int), run.probs(frame)
+    return metrics.fast_auc(y, P[:, 1]) if run.binary else float((P.argmax(1) == y).mean())
+
+
+def _tta_section(run: Run, test: dict) -> dict:
+    """The score per TTA size for the pooled OOF (oof.csv with the run's --oof_tta, oof_tta<n>.csv from
+    predict.py --oof) and for the held-out test fold ensemble (test_tta<n>.csv), kept apart."""
+    oof = {}
+    oof_tta = run.configs[0].get("oof_tta")
+    if oof_tta is not None and all(c.get("oof_tta") == oof_tta for c in run.configs):
+        oof[int(oof_tta)] = _score(run, run.oof)
+    for n in _tta_files(run.fold_dirs, OOF_TTA_RE):
+        try:
+            frame = load_run(run.fold_dirs, name=run.name, oof_name=f"oof_tta{n}.csv").oof
+        except (ValueError, KeyError):  # a partial or stale file: shown nowhere rather than wrong
+            continue
+        oof[n] = _score(run, frame)
+    tests = {}
+    if "overall" in test:
+        for n in test["sizes"]:
+            tests[n] = _score(run, test_frame(run, n))
+    return {"metric": "roc_auc" if run.binary else "accuracy", "oof": oof, "test": tests,
+            "n_oof": int(len(run.oof)), "n_test": int(test.get("n", 0))}
+
+
+# ------------------------------------------------------------------------------------------ slides
+
+def slide_metrics(frame: pd.DataFrame, classes: list[str], *, top_k: int = 10) -> dict:
+    """Slide-level metrics when the tile predictions carry a `slide` column; {} otherwise.
+
+    A slide's score is `slides.slide_score` of its tiles' P(last class) - the aggregate that
+    predict.py --slides writes to slides.csv, with its default top_k - and a slide is positive when any
+    of its tiles is labeled with the last class (the positive class of the slide maps)."""
+    from histofold.slides import slide_score
+
+    if "slide" not in frame or frame.empty or frame["slide"].isna().all():
+        return {}
+    pos_col, pos = f"p_{classes[-1]}", len(classes) - 1
+    table = pd.DataFrame([{"slide": str(s), "tiles": int(len(g)), "label": int((g["label"] == pos).any()),
+                           "score": slide_score(g[pos_col].to_numpy(), top_k)}
+                          for s, g in frame.groupby("slide", sort=True)])
+    m = metrics.binary_metrics(table["label"].to_numpy(), table["score"].to_numpy())
+    out = {"n_slides": int(len(table)), "n_pos": int(table["label"].sum()), "top_k": int(top_k),
+           "positive_class": classes[-1], "table": table.to_dict("records"),
+           **{k: m[k] for k in ("accuracy", "sensitivity", "specificity", "balanced_accuracy")}}
+    if table["label"].nunique() == 2:
+        out["roc_auc"] = m["roc_auc"]
+    else:
+        out["note"] = f"all {len(table)} slides are {'positive' if table['label'].all() else 'negative'}: no slide AUC."
+    return out
+
+
 # ------------------------------------------------------------------------------------------ figures
 
 def _figures(run: Run, results: dict) -> dict:
@@ -255,6 +467,9 @@ def _figures(run: Run, results: dict) -> dict:
                 "class_balance": plots.fig_class_balance(run)}
         if any(h is not None for h in run.histories):
             figs["training"] = plots.fig_training(run)
+        tta = results.get("tta") or {}
+        if len(tta.get("oof", {})) + len(tta.get("test", {})) >= 2:
+            figs["tta"] = plots.fig_tta(run, tta)
     return figs
 
 
@@ -382,15 +597,19 @@ def _jsonable(obj):
 # A section is (title, intro text, list of tables, list of figure keys); a table is (header, rows).
 def _sections(run: Run, results: dict) -> list[tuple]:
     overall, folds, summary = results["overall"], results["folds"], results["summary"]
+    secs = [("Headline", _headline_intro(results), [_headline_table(run, results)], []),
+            ("Settings", "From the folds' config.json (flags and what train.py resolved at run time).",
+             [_settings_table(results["settings"])], [])]
     if run.binary:
-        secs = [("Pooled OOF metrics", _binary_intro(overall), [_binary_overall_table(overall)], []),
+        secs += [("Pooled OOF metrics", _binary_intro(overall), [_binary_overall_table(overall)], []),
                 ("Per-fold metrics", "Mean ± sample std across folds in the last row.",
                  [_binary_fold_table(folds, summary)], [])]
     else:
-        secs = [("Pooled OOF metrics", "Argmax predictions. " + " ".join(overall["notes"]),
+        secs += [("Pooled OOF metrics", "Argmax predictions. " + " ".join(overall["notes"]),
                  [_multi_overall_table(overall), _per_class_table(overall)], []),
                 ("Per-fold metrics", "Mean ± sample std across folds in the last row.",
                  [_multi_fold_table(folds, summary)], [])]
+    secs += _test_sections(run, results)
     secs += [("ROC curves", "", [], ["roc"]), ("Precision-recall curves", "", [], ["pr"]),
              ("Confusion matrices", "", [], ["confusion"]),
              ("Calibration", f"Expected calibration error (10 equal-width bins): "
@@ -398,6 +617,9 @@ def _sections(run: Run, results: dict) -> list[tuple]:
              ("Training curves", "" if any(h is not None for h in run.histories)
               else "No history.csv in the fold directories.", [], ["training"]),
              ("Class balance", "", [], ["class_balance"])]
+    if "tta" in results.get("meta", {}).get("figures", {}):
+        secs.append(("Test-time augmentation", "Pooled OOF and held-out test scores per TTA size, in "
+                     "separate panels: they are different images scored by different models.", [], ["tta"]))
     secs.append(("Grad-CAM gallery", results["gradcam"].get("skipped", "Heatmaps of the predicted class on the "
                  "most confident OOF images of each outcome, each from the model that did not train on it."),
                  [], ["gradcam"]))
@@ -405,6 +627,79 @@ def _sections(run: Run, results: dict) -> list[tuple]:
         secs.append(("Comparison with other runs", "Joined on id; differences are this run minus the other, "
                      "with paired bootstrap 95% CIs.", [_compare_table(run, results["compare"])], ["compare_roc"]))
     return secs
+
+
+def _headline_intro(results: dict) -> str:
+    a = results["pooled_vs_folds"]
+    name = "AUC" if a["metric"] == "auc" else "macro AUC"
+    text = (f"Pooled OOF {name} {_f(a['pooled'])}: every out-of-fold prediction ranked together; mean fold "
+            f"{name} {_f(a['mean'])} ± {_f(a['sd'])} (sample sd): each fold scored by its own model. ")
+    if a["diverge"]:
+        return text + f"They differ by {a['gap']:+.4f}: {a['note']}."
+    return text + f"They agree (difference {a['gap']:+.4f}, within {AUC_GAP} and one sd)."
+
+
+def _headline_table(run: Run, results: dict) -> tuple:
+    a, o = results["pooled_vs_folds"], results["overall"]
+    rows = [[("ROC AUC" if run.binary else "macro one-vs-rest AUC"), _f(a["pooled"]), f"{_f(a['mean'])} ± {_f(a['sd'])}"]]
+    acc = o["at_0.5"]["accuracy"] if run.binary else o["accuracy"]
+    rows.append(["accuracy" + (" at 0.5" if run.binary else ""), _f(acc), _pm(results["summary"],
+                                                                          "at_0.5/accuracy" if run.binary else "accuracy")])
+    test = results.get("test") or {}
+    header = ["metric", "pooled OOF", "mean fold ± sd"]
+    if "overall" in test:
+        t = test["overall"]
+        header.append(f"held-out test (fold ensemble, TTA x{test['tta']})")
+        rows[0].append(_f(t["auc"] if run.binary else t["macro_auc"]))
+        rows[1].append(_f(t["at_0.5"]["accuracy"] if run.binary else t["accuracy"]))
+    for where, sl in (("OOF", results.get("slides")), ("test", test.get("slides"))):
+        if sl:
+            row = [f"slide ROC AUC ({where}, {sl['n_slides']} slides)", "", ""] + ([""] if "overall" in test else [])
+            row[1 if where == "OOF" else 3] = _f(sl.get("roc_auc"))
+            rows.append(row)
+    return header, rows
+
+
+def _settings_table(settings: list[dict]) -> tuple:
+    varies = any(r["varies"] for r in settings)
+    header = ["setting", "value"] + (["per fold (differs)"] if varies else [])
+    return header, [[r["setting"], r["value"]] + ([r["varies"]] if varies else []) for r in settings]
+
+
+def _test_sections(run: Run, results: dict) -> list[tuple]:
+    """Held-out test metrics (fold ensemble and each fold model) and slide-level metrics, when present."""
+    test, secs = results.get("test") or {}, []
+    if "overall" in test:
+        t = test["overall"]
+        intro = (f"{test['n']} labeled test images scored by predict.py (test_tta{test['tta']}.csv of every fold), "
+                 f"fold models averaged (mean). ")
+        keys = TEST_KEYS[run.binary]
+        rows = [[r["fold"]] + [_f(r.get(k)) for k in keys] for r in test["folds"]]
+        rows.append(["fold ensemble"] + [_f(_flat(t).get(k)) for k in keys])
+        tables = [(["model"] + [k.split("/")[-1] for k in keys], rows)]
+        if run.binary:
+            intro += _binary_intro(t)
+            tables.append(_binary_overall_table(t))
+        else:
+            tables.append(_multi_overall_table(t))
+        secs.append(("Held-out test", intro, tables, []))
+    elif "skipped" in test:
+        secs.append(("Held-out test", test["skipped"] + ".", [], []))
+    for where, sl in (("out-of-fold", results.get("slides")), ("held-out test", test.get("slides"))):
+        if sl:
+            intro = (f"{sl['n_slides']} slides ({sl['n_pos']} positive: a tile labeled {sl['positive_class']}) from "
+                     f"the {where} tile predictions; slide score = mean of the top {sl['top_k']} tile "
+                     f"P({sl['positive_class']}), as in slides.csv. " + sl.get("note", ""))
+            summary = [["slide ROC AUC", _f(sl.get("roc_auc"))]] + [[k, _f(sl[k])] for k in
+                                                                   ("accuracy", "sensitivity", "specificity")]
+            rows = [[r["slide"], str(r["tiles"]), str(r["label"]), _f(r["score"])] for r in sl["table"]]
+            secs.append((f"Slide-level metrics ({where})", intro.strip(), [(["metric (threshold 0.5)", "value"], summary),
+                         (["slide", "tiles", "positive", "score"], rows)], []))
+    return secs
+
+
+TEST_KEYS = {True: ("auc", "at_0.5/accuracy", "at_0.5/sensitivity", "at_0.5/specificity", "at_0.5/f1"),
+             False: ("accuracy", "balanced_accuracy", "macro_f1", "macro_auc", "cohen_kappa")}
 
 
 def _binary_intro(o: dict) -> str:

@@ -17,7 +17,8 @@ CLASSES7 = ["ADI", "BACK", "DEB", "LYM", "MUC", "MUS", "TUM"]
 N_BOOT = 200
 
 
-def _fake_run(root, name, *, classes, n_per_fold=60, folds=3, signal=2.0, seed=0, history=True, complete=True):
+def _fake_run(root, name, *, classes, n_per_fold=60, folds=3, signal=2.0, seed=0, history=True, complete=True,
+              shift=0.0, config=None):
     """runs/<name>/fold{k}/ with config.json, history.csv and an oof.csv of realistic probabilities,
     marked complete (runs.RunDir.mark_complete) as train.py does last."""
     rng = np.random.default_rng(seed)
@@ -28,6 +29,7 @@ def _fake_run(root, name, *, classes, n_per_fold=60, folds=3, signal=2.0, seed=0
         d.mkdir(parents=True)
         y = data_rng.integers(0, k, n_per_fold)
         logits = rng.normal(size=(n_per_fold, k)) + signal * np.eye(k)[y]
+        logits[:, -1] += shift * f  # fold f's model scores the last class `shift * f` higher: its own scale
         P = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
         oof = pd.DataFrame({"id": [f"img_{f}_{i:03d}" for i in range(n_per_fold)], "label": y, "fold": f})
         for j, c in enumerate(classes):
@@ -36,6 +38,7 @@ def _fake_run(root, name, *, classes, n_per_fold=60, folds=3, signal=2.0, seed=0
         monitor = "val_auc" if k == 2 else "val_macro_f1"
         cfg = {"arch": "tiny_test", "fold": str(f), "tfrecords": "tfrecords", "monitor": monitor,
                "resolved": {"classes": classes, "image_size": [16, 16], "tfrecords": "tfrecords"}}
+        cfg.update(config(f) if callable(config) else (config or {}))
         (d / "config.json").write_text(json.dumps(cfg))
         if history:
             e = np.arange(6)
@@ -238,3 +241,208 @@ def test_evaluate_reports_a_trained_run_with_its_own_models_and_images(tmp_path)
     assert "skipped" not in saved["gradcam"] and (rdir / "figures" / "gradcam.png").stat().st_size > 1000
     shown = [i for ids in saved["gradcam"]["categories"].values() for i in ids]
     assert shown and set(shown) <= set(oof["id"])
+
+
+# ------------------------------------------------------------------------------------------ issue 15 / 13
+
+def _md(tmp_path, name):
+    return (tmp_path / "reports" / name / "report.md").read_text()
+
+
+def _saved(tmp_path, name):
+    return json.loads((tmp_path / "reports" / name / "metrics.json").read_text())
+
+
+def _fold_aucs(run, folds=3):
+    oof = [pd.read_csv(f"{run}/fold{f}/oof.csv", dtype={"id": str}) for f in range(folds)]
+    return [metrics.fast_auc(o["label"], o["p_1"]) for o in oof], pd.concat(oof)
+
+
+def test_headline_gives_pooled_and_mean_fold_auc_and_notes_when_they_diverge(tmp_path):
+    calm = _fake_run(tmp_path, "calm", classes=["0", "1"], seed=0, n_per_fold=200)
+    skew = _fake_run(tmp_path, "skew", classes=["0", "1"], seed=0, n_per_fold=200, shift=3.0)
+    outs = {n: report.build_report([r], out_dir=str(tmp_path / "reports"), name=n, n_boot=N_BOOT, gradcam=False)
+            for n, r in (("calm", calm), ("skew", skew))}
+    for name, run in (("calm", calm), ("skew", skew)):
+        aucs, oof = _fold_aucs(run)
+        out, saved = outs[name], _saved(tmp_path, name)
+        assert out["auc"] == pytest.approx(metrics.fast_auc(oof["label"], oof["p_1"]))
+        assert out["mean_fold_auc"] == pytest.approx(np.mean(aucs))
+        assert out["fold_auc_sd"] == pytest.approx(np.std(aucs, ddof=1))
+        assert saved["pooled_vs_folds"]["gap"] == pytest.approx(out["auc"] - np.mean(aucs))
+    # the shift keeps each fold's ranking (same fold AUCs) but puts the folds on different scales
+    assert outs["skew"]["mean_fold_auc"] == pytest.approx(outs["calm"]["mean_fold_auc"])
+    assert outs["calm"]["mean_fold_auc"] - outs["skew"]["auc"] > 0.02
+    assert "auc_note" not in outs["calm"] and "They agree" in _md(tmp_path, "calm")
+    assert "mixes fold calibrations" in outs["skew"]["auc_note"]
+    md = _md(tmp_path, "skew")
+    assert md.index("## Headline") < md.index("## Pooled OOF metrics") and "mixes fold calibrations" in md
+    assert f"| ROC AUC | {outs['skew']['auc']:.4f} | {outs['skew']['mean_fold_auc']:.4f} ± " in md
+
+
+def test_pooled_vs_folds_thresholds():
+    assert not report.pooled_vs_folds(0.900, 0.905, 0.02)["diverge"]
+    assert report.pooled_vs_folds(0.880, 0.895, 0.02)["diverge"]          # > 0.01
+    assert report.pooled_vs_folds(0.900, 0.908, 0.004)["diverge"]         # > 1 sd
+    assert not report.pooled_vs_folds(0.900, 0.905, float("nan"))["diverge"]  # one fold: no sd
+
+
+def test_evaluate_prints_pooled_and_mean_fold_auc(tmp_path):
+    from histofold.cli import format_summary
+
+    run = _fake_run(tmp_path, "cnn", classes=["0", "1"], seed=0, shift=3.0)
+    out = report.build_report([run], out_dir=str(tmp_path / "reports"), name="cnn", n_boot=N_BOOT, gradcam=False)
+    text = format_summary(out)
+    assert re.search(r"^auc: 0\.\d{4}$", text, re.M) and re.search(r"^mean_fold_auc: 0\.\d{4}$", text, re.M)
+    assert re.search(r"^fold_auc_sd: 0\.\d{4}$", text, re.M) and "auc_note: pooled OOF AUC mixes" in text
+
+
+def test_settings_table_reads_config_json_and_shows_folds_that_differ(tmp_path):
+    cfg = lambda f: {"epochs": 7, "lr": 0.002, "batch_size": 32, "augment": "strong", "seed": 5 + (f == 2),
+                     "oof_tta": 1, "precision": "mixed_bfloat16", "global_batch": 32, "lr_scaled": 0.002,
+                     "stain": {"method": "macenko", "params": {}}, "val_folds": [f],
+                     "train_folds": [g for g in range(3) if g != f]}
+    run = _fake_run(tmp_path, "cfg", classes=["0", "1"], config=cfg)
+    report.build_report([run], out_dir=str(tmp_path / "reports"), name="cfg", n_boot=N_BOOT, gradcam=False)
+    rows = {r["setting"]: r for r in _saved(tmp_path, "cfg")["settings"]}
+    assert rows["epochs"]["value"] == "7" and rows["augmentation"]["value"] == "strong"
+    assert rows["stain normalization"]["value"] == "macenko" and rows["precision"]["value"] == "mixed_bfloat16"
+    assert rows["architecture"]["value"] == "tiny_test" and rows["OOF TTA"]["value"] == "1"
+    assert rows["folds (validation / all)"]["value"] == "0 / 3, 1 / 3, 2 / 3"
+    assert rows["seed"]["varies"] == "5 | 5 | 6" and rows["epochs"]["varies"] == ""
+    md = _md(tmp_path, "cfg")
+    assert "## Settings" in md and "| batch size (global) | 32 |" in md and "| seed | 5 | 5 | 5 | 6 |" in md
+
+
+def _write_test_preds(run, *, n_test=40, sizes=(1, 8), labeled=True, slides=False, seed=7):
+    """test_tta<n>.csv in every fold, as predict.py writes them; returns {n: fold-mean P(1)} and labels."""
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 2, n_test)
+    ids = [f"t{i:03d}" for i in range(n_test)]
+    means = {}
+    for n in sizes:
+        ps = []
+        for f in range(3):
+            p = 1 / (1 + np.exp(-(rng.normal(size=n_test) + (1.0 + 0.1 * n) * (2 * y - 1))))
+            frame = pd.DataFrame({"id": ids, "label": y if labeled else -1, "p_0": 1 - p, "p_1": p})
+            if slides:
+                frame["slide"] = [f"s{i % 8}" for i in range(n_test)]
+            frame.sample(frac=1, random_state=f).to_csv(f"{run}/fold{f}/test_tta{n}.csv", index=False)  # any order
+            ps.append(p)
+        means[n] = np.mean(ps, axis=0)
+    return means, y
+
+
+def test_held_out_test_section_scores_the_fold_ensemble(tmp_path):
+    run = _fake_run(tmp_path, "tst", classes=["0", "1"], config={"oof_tta": 1})
+    means, y = _write_test_preds(run)
+    out = report.build_report([run], out_dir=str(tmp_path / "reports"), name="tst", n_boot=N_BOOT, gradcam=False)
+    saved = _saved(tmp_path, "tst")
+    assert saved["test"]["tta"] == 8 and saved["test"]["n"] == 40 and saved["test"]["sizes"] == [1, 8]
+    assert out["test_auc"] == pytest.approx(metrics.fast_auc(y, means[8]))
+    assert saved["test"]["overall"]["at_0.5"]["accuracy"] == pytest.approx(np.mean((means[8] >= 0.5) == y))
+    assert [f["fold"] for f in saved["test"]["folds"]] == ["fold0", "fold1", "fold2"]
+    assert "## Held-out test" in _md(tmp_path, "tst")
+    # TTA: OOF (oof.csv, --oof_tta=1) and test (x1, x8) kept apart, each the number it claims
+    assert saved["tta"]["oof"] == {"1": pytest.approx(out["auc"])}
+    assert saved["tta"]["test"] == {"1": pytest.approx(metrics.fast_auc(y, means[1])),
+                                    "8": pytest.approx(metrics.fast_auc(y, means[8]))}
+    assert (tmp_path / "reports" / "tst" / "figures" / "tta.png").stat().st_size > 1000
+    # --oof_file=oof_tta1.csv picks the test predictions of the same TTA
+    for f in range(3):
+        pd.read_csv(f"{run}/fold{f}/oof.csv").to_csv(f"{run}/fold{f}/oof_tta1.csv", index=False)
+    out1 = report.build_report([run], out_dir=str(tmp_path / "reports"), name="tst1", n_boot=N_BOOT,
+                               gradcam=False, oof_name="oof_tta1.csv")
+    assert out1["test_auc"] == pytest.approx(metrics.fast_auc(y, means[1]))
+
+
+def test_unlabeled_test_predictions_give_no_test_metrics(tmp_path):
+    run = _fake_run(tmp_path, "unl", classes=["0", "1"])
+    _write_test_preds(run, labeled=False)
+    out = report.build_report([run], out_dir=str(tmp_path / "reports"), name="unl", n_boot=N_BOOT, gradcam=False)
+    assert "test_auc" not in out and "unlabeled" in _saved(tmp_path, "unl")["test"]["skipped"]
+    assert "the test set is unlabeled" in _md(tmp_path, "unl")
+
+
+def test_tta_figure_says_oof_or_test_on_every_panel(tmp_path):
+    run = _fake_run(tmp_path, "fig", classes=["0", "1"])
+    loaded = report.load_run([run], name="fig")
+    fig = plots_fig_tta(loaded, {"metric": "roc_auc", "oof": {1: 0.9, 8: 0.91}, "test": {8: 0.88},
+                                 "n_oof": 180, "n_test": 40})
+    oof_ax, test_ax = fig.axes
+    assert "Out-of-fold" in oof_ax.get_title() and "n=180" in oof_ax.get_title()
+    assert "Held-out test" in test_ax.get_title() and "n=40" in test_ax.get_title()
+    assert [t.get_text() for t in oof_ax.get_xticklabels()] == ["OOF TTA x1", "OOF TTA x8"]
+    assert [t.get_text() for t in test_ax.get_xticklabels()] == ["test TTA x8"]
+    assert oof_ax.get_ylabel() == "OOF ROC AUC" and test_ax.get_ylabel() == "test ROC AUC"
+    assert [b.get_height() for b in oof_ax.patches] == [0.9, 0.91]
+    only_oof = plots_fig_tta(loaded, {"metric": "accuracy", "oof": {1: 0.7, 2: 0.72}, "test": {},
+                                      "n_oof": 180, "n_test": 0})
+    assert len(only_oof.axes) == 1 and "accuracy" in only_oof.axes[0].get_title()
+
+
+def plots_fig_tta(run, tta):
+    from histofold import plots
+
+    return plots.fig_tta(run, tta)
+
+
+def test_training_curves_have_whole_epoch_ticks(tmp_path):
+    from histofold import plots
+
+    run = report.load_run([_fake_run(tmp_path, "ep", classes=["0", "1"])], name="ep")
+    run.histories = [h.iloc[:3] for h in run.histories]  # 3 epochs: a default locator would tick 1.25, 1.5, ...
+    fig = plots.fig_training(run)
+    for ax in fig.axes[:3]:
+        ticks = [t for t in ax.get_xticks() if ax.get_xlim()[0] <= t <= ax.get_xlim()[1]]
+        assert ticks and all(float(t).is_integer() for t in ticks), ticks
+
+
+def test_slide_metrics_use_the_slide_maps_top_k_score(tmp_path):
+    from histofold import slides
+
+    rng = np.random.default_rng(3)
+    rows = []
+    for s in range(6):
+        positive = s % 2
+        for t in range(30):
+            label = int(positive and t < 5)  # a positive slide: 5 tumour tiles among 30
+            rows.append({"id": f"s{s}_{t}", "slide": f"s{s}", "label": label,
+                         "p_1": float(np.clip(rng.normal(0.8 if label else 0.2 + 0.05 * s, 0.1), 0, 1))})
+    frame = pd.DataFrame(rows)
+    frame["p_0"] = 1 - frame["p_1"]
+    out = report.slide_metrics(frame, ["0", "1"])
+    scores = {s: slides.slide_score(g["p_1"].to_numpy(), 10) for s, g in frame.groupby("slide")}
+    truth = {s: int(g["label"].any()) for s, g in frame.groupby("slide")}
+    assert {r["slide"]: r["score"] for r in out["table"]} == pytest.approx(scores)
+    assert {r["slide"]: r["label"] for r in out["table"]} == truth
+    assert out["roc_auc"] == pytest.approx(metrics.fast_auc(list(truth.values()), list(scores.values())))
+    means = {s: g["p_1"].mean() for s, g in frame.groupby("slide")}
+    assert means != pytest.approx(scores)  # top-10 of 30, not the mean: the aggregate matters
+    assert report.slide_metrics(frame.drop(columns="slide"), ["0", "1"]) == {}
+    neg = report.slide_metrics(frame.assign(label=0), ["0", "1"])
+    assert "roc_auc" not in neg and "no slide AUC" in neg["note"]
+
+
+def test_report_has_slide_level_metrics_when_oof_carries_slides(tmp_path):
+    run = _fake_run(tmp_path, "sl", classes=["0", "1"], n_per_fold=40)
+    for f in range(3):  # four slides per fold, each slide positive when it holds a class-1 tile
+        oof = pd.read_csv(f"{run}/fold{f}/oof.csv", dtype={"id": str})
+        oof["slide"] = [f"f{f}s{i % 4}" for i in range(len(oof))]
+        oof.loc[oof["slide"].str.endswith(("s0", "s1")), "label"] = 0  # two negative slides per fold
+        oof.loc[oof.index[oof["slide"].str.endswith("s2")][:2], "label"] = 1  # and two positive ones
+        oof.loc[oof.index[oof["slide"].str.endswith("s3")][:2], "label"] = 1
+        oof.to_csv(f"{run}/fold{f}/oof.csv", index=False)
+        runs.RunDir(f"{run}/fold{f}").mark_complete()
+    _write_test_preds(run, slides=True)
+    out = report.build_report([run], out_dir=str(tmp_path / "reports"), name="sl", n_boot=N_BOOT, gradcam=False)
+    saved = _saved(tmp_path, "sl")
+    assert saved["slides"]["n_slides"] == 12 and saved["test"]["slides"]["n_slides"] == 8
+    loaded = report.load_run([run], name="sl")
+    assert saved["slides"] == report._jsonable(report.slide_metrics(loaded.oof, ["0", "1"]))
+    md = _md(tmp_path, "sl")
+    assert "## Slide-level metrics (out-of-fold)" in md and "## Slide-level metrics (held-out test)" in md
+    assert saved["slides"]["n_pos"] == 6 and out["slide_auc"] == pytest.approx(saved["slides"]["roc_auc"])
+    assert out["n_slides"] == 12
+    ts = saved["test"]["slides"]
+    assert ("test_slide_auc" in out) == (0 < ts["n_pos"] < ts["n_slides"]) == ("note" not in ts)
