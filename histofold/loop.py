@@ -358,6 +358,7 @@ def _finish(config: TrainConfig, *, model, run: RunDir, resolved: dict, manifest
             oof = tta.predict_frame(model, val_ds, n=config.oof_tta, class_names=manifest.classes,
                                     desc=f"OOF fold {fold} TTA x{config.oof_tta}")
         oof.insert(2, "fold", int(fold))
+        oof = manifest.with_slides(oof, "train", [int(fold)])  # whole-slide tiles: + slide, for slide metrics
         io.write_csv(run.file(OOF), oof)
         summary.update(_oof_metrics(oof, manifest.classes))
         summary.update(best_monitor=_best_so_far(run, resolved["monitor"], resolved["first_eligible_epoch"] - 1)

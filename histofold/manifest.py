@@ -181,6 +181,16 @@ class Manifest:
             raise IntegrityError(f"{path} is missing: {prepare_hint(self.directory)} again")
         return io.read_csv(path, dtype={"id": str})["id"].tolist()
 
+    def with_slides(self, frame, split: str = "train", folds=None):
+        """`frame` (id-keyed predictions) with a `slide` column after `label` when this dataset's records
+        are whole-slide tiles (--source=slides: a tile's group is its slide); unchanged otherwise."""
+        if self.data.get("source") != "slides" or "slide" in frame:
+            return frame
+        slide_of = records.read_tile_slides(self.files(split, folds))
+        frame = frame.copy()
+        frame.insert(list(frame.columns).index("label") + 1, "slide", frame["id"].astype(str).map(slide_of))
+        return frame
+
     def sample_submission(self) -> str | None:
         """Path of the dataset's sample_submission.csv copy, or None."""
         name = self.data.get("sample_submission")

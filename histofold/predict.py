@@ -51,9 +51,10 @@ def run(config: PredictConfig) -> dict:
 # ---------------------------------------------------------------- members -> one frame
 
 def ensemble_members(config: PredictConfig, members: dict, dataset_for: Callable, *, what: str,
-                     fold_csv: str | None = None) -> tuple[pd.DataFrame, list[str]]:
+                     fold_csv: str | None = None, annotate: Callable | None = None) -> tuple[pd.DataFrame, list[str]]:
     """Predict `dataset_for(run_dir, manifest, image_size)` with every fold model; ensemble the folds
-    of each run, then the runs (--ensemble, --run_weights). Returns (frame, class names)."""
+    of each run, then the runs (--ensemble, --run_weights). Returns (frame, class names).
+    `fold_csv`: each fold's frame is also written there, through `annotate(frame)` when given."""
     import keras
 
     from histofold import ensemble
@@ -71,7 +72,7 @@ def ensemble_members(config: PredictConfig, members: dict, dataset_for: Callable
                                       desc=f"{what} {runs.run_name(rd.path)}/{rd.fold_name} TTA x{config.tta}")
             _check_finite(frame, rd.path)
             if fold_csv:
-                io.write_csv(rd.file(fold_csv), frame)
+                io.write_csv(rd.file(fold_csv), annotate(frame) if annotate else frame)
             frames.append(frame)
             keras.backend.clear_session()  # free the fold model before building the next
         per_run.append(_with_labels(ensemble.ensemble(frames, method=config.ensemble), frames[0]))
@@ -122,7 +123,8 @@ def predict_test(config: PredictConfig, members: dict) -> dict:
 
     with reading(manifest, split="test"):
         final, classes = ensemble_members(config, members, dataset_for, what="test",
-                                          fold_csv=f"test_tta{config.tta}.csv")
+                                          fold_csv=f"test_tta{config.tta}.csv",
+                                          annotate=lambda frame: manifest.with_slides(frame, "test"))
     name = config.name or "+".join(runs.run_name(r) for r in members)
     test_ids = manifest.test_ids()
     sub = submission.make_submission(final, class_names=classes, sample_submission=manifest.sample_submission(),
@@ -174,7 +176,7 @@ def _oof_scores(config: PredictConfig, members: dict) -> dict:
                 oof = tta.predict_frame(model, ds, n=config.tta, class_names=resolved["classes"],
                                         desc=f"OOF {runs.run_name(rd.path)}/{rd.fold_name} TTA x{config.tta}")
             oof.insert(2, "fold", rd.fold)
-            io.write_csv(rd.file(f"oof_tta{config.tta}.csv"), oof)
+            io.write_csv(rd.file(f"oof_tta{config.tta}.csv"), manifest.with_slides(oof, "train", [rd.fold]))
             frames.append(oof)
         if not frames:
             continue

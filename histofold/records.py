@@ -213,6 +213,21 @@ def read_shard(path: str, encoding: str, *, images: bool = False) -> list[dict]:
     return rows
 
 
+def read_tile_slides(paths: list[str]) -> dict[str, str]:
+    """id -> slide (the record's group) of every whole-slide tile (loc_x >= 0) in `paths`; images are
+    not decoded."""
+    import tensorflow as tf
+
+    spec = {k: v for k, v in feature_spec().items() if k in ("id", "group", "loc_x")}
+    out = {}
+    for serialized in tf.data.TFRecordDataset(paths).batch(4096):
+        f = tf.io.parse_example(serialized, spec)
+        for i, g, x in zip(f["id"].numpy(), f["group"].numpy(), f["loc_x"].numpy()):
+            if x >= 0:
+                out[i.decode()] = g.decode()
+    return out
+
+
 def find_corrupt_record(paths: list[str]) -> tuple[str, int] | None:
     """(shard, index of the first unreadable record) among `paths`, or None when all read cleanly.
 
