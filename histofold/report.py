@@ -381,12 +381,17 @@ def _test_section(run: Run, *, n_boot: int, seed: int, oof_name: str) -> dict:
     """Metrics of the held-out test set when predict.py scored it (test_tta<n>.csv in every fold) and its
     rows are labeled: the fold ensemble overall, each fold model alone, slide-level when slide ids exist.
     The TTA is the one of `oof_name` (oof_tta<n>.csv) when predicted, else the largest."""
+    from histofold.errors import DataError
+
     sizes = _tta_files(run.fold_dirs, TEST_RE)
     if not sizes:
         return {"skipped": "no test predictions: run predict.py (it writes test_tta<n>.csv into every fold)"}
     m = OOF_TTA_RE.match(oof_name)
     n = int(m.group(1)) if m and int(m.group(1)) in sizes else sizes[-1]
-    frame = test_frame(run, n)
+    try:
+        frame = test_frame(run, n)
+    except DataError as e:  # e.g. a stale test_tta<n>.csv predicted from other tfrecords
+        return {"skipped": f"test predictions do not ensemble: {e}", "tta": n}
     if "label" not in frame or (frame["label"] < 0).any() or frame["label"].isna().any():
         return {"skipped": f"the test set is unlabeled ({len(frame)} images): no test metrics", "tta": n}
     y = frame["label"].to_numpy(int)

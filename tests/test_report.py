@@ -236,6 +236,7 @@ def test_evaluate_reports_a_trained_run_with_its_own_models_and_images(tmp_path)
     oof = pd.concat([pd.read_csv(tmp_path / "runs" / "ev" / f"fold{f}" / "oof.csv", dtype={"id": str})
                      for f in range(2)])
     assert len(oof) == 32 and saved["meta"]["n_oof"] == 32
+    assert "slide" not in oof.columns and saved["slides"] == {}  # patches, not whole-slide tiles
     assert saved["overall"]["auc"] == pytest.approx(metrics.fast_auc(oof["label"], oof["p_1"]))
     assert out["report_dir"] == str(rdir)
     assert "skipped" not in saved["gradcam"] and (rdir / "figures" / "gradcam.png").stat().st_size > 1000
@@ -362,6 +363,9 @@ def test_unlabeled_test_predictions_give_no_test_metrics(tmp_path):
     out = report.build_report([run], out_dir=str(tmp_path / "reports"), name="unl", n_boot=N_BOOT, gradcam=False)
     assert "test_auc" not in out and "unlabeled" in _saved(tmp_path, "unl")["test"]["skipped"]
     assert "the test set is unlabeled" in _md(tmp_path, "unl")
+    pd.DataFrame({"id": ["other"], "label": [1], "p_0": [0.5], "p_1": [0.5]}).to_csv(f"{run}/fold1/test_tta8.csv")
+    report.build_report([run], out_dir=str(tmp_path / "reports"), name="unl", n_boot=N_BOOT, gradcam=False)
+    assert "do not ensemble" in _saved(tmp_path, "unl")["test"]["skipped"]  # a stale file: a note, no crash
 
 
 def test_tta_figure_says_oof_or_test_on_every_panel(tmp_path):
