@@ -122,6 +122,9 @@ def main(*, source="folder", input="", test_input="", extra_test="", solution=""
     if not input:
         input, test_input = DEFAULT_TRAIN, DEFAULT_VALID
         extra_test = extra_test or DEFAULT_TEST
+    # the scripts run with cwd=workdir: relative paths are the caller's
+    input, test_input, extra_test, solution = (os.path.abspath(p) if p else p
+                                               for p in (input, test_input, extra_test, solution))
     if source == "hcd" and not solution:
         raise ValueError("--source=hcd needs --solution=CSV (id,label of the test images) to score")
     if isinstance(train_flags, (tuple, list)):  # fire splits a comma list into a tuple
