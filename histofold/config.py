@@ -530,10 +530,20 @@ class ExportConfig(Config):
 
     run: str = opt("", as_str)
     runs_dir: str = opt("runs", as_str)
-    out: str = opt("exported", as_str)
-    format: str = opt("keras", as_str, choices=EXPORT_FORMATS)
-    input_size: int = opt(0, as_int, ge=0)
+    fold: str = opt("all", as_str)
+    out: str = opt("", as_str)
+    tta: int = opt(1, as_int, choices=TTA_CHOICES)
+    formats: tuple = opt(EXPORT_FORMATS, as_list)
     log_level: str = _log_level()
+
+    def validate(self):
+        if not (self.fold in ("all", "ensemble", "full") or self.fold.isdigit()):
+            raise UsageError(f"--fold={self.fold!r}: pass a fold number, all (the fold ensemble) or full")
+        bad = [f for f in self.formats if f not in EXPORT_FORMATS]
+        if bad or not self.formats:
+            raise UsageError(f"--formats={','.join(self.formats)}: choose from {', '.join(EXPORT_FORMATS)}")
+        if "keras" not in self.formats:
+            raise UsageError("--formats must include keras: the SavedModel and ONNX files are made from it")
 
 
 CONFIGS = {"prepare_tfrecords": PrepareConfig, "train": TrainConfig, "finetune": FinetuneConfig,
