@@ -10,6 +10,7 @@ import time
 import pytest
 
 import evaluate
+import export
 import finetune
 import predict
 import prepare_tfrecords
@@ -19,7 +20,7 @@ from histofold.errors import UsageError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPTS = {"prepare_tfrecords.py": prepare_tfrecords, "train.py": train, "finetune.py": finetune,
-           "predict.py": predict, "evaluate.py": evaluate}
+           "predict.py": predict, "evaluate.py": evaluate, "export.py": export}
 
 
 def _run(script, *args, cwd):
@@ -49,6 +50,7 @@ def test_help_holds_every_flag_and_example(script, module, tmp_path):
     ("prepare_tfrecords.py", ["--source=synthetic", "--cuont=5"], "did you mean --count?"),
     ("evaluate.py", ["--n_bot=10"], "did you mean --n_boot?"),
     ("finetune.py", ["--run=x", "--unfreze=all"], "did you mean --unfreeze?"),
+    ("export.py", ["--folds=all"], "did you mean --fold?"),
     ("train.py", ["all"], "unexpected argument"),
 ])
 def test_typo_flags_are_refused_before_any_work(script, args, hint, tmp_path):
@@ -66,6 +68,8 @@ def test_typo_flags_are_refused_before_any_work(script, args, hint, tmp_path):
     ("predict.py", ["--tta=3"], "--tta"),
     ("prepare_tfrecords.py", ["--folds=1"], "--folds"),
     ("evaluate.py", ["--runs=a,b"], "--runs"),
+    ("export.py", ["--tta=3"], "--tta"),
+    ("export.py", ["--fold=first"], "--fold"),
 ])
 def test_bad_values_are_one_line_errors_naming_the_flag(script, args, flag, tmp_path):
     out = _run(script, *args, cwd=tmp_path)

@@ -5,6 +5,7 @@ import inspect
 import pytest
 
 import evaluate
+import export
 import finetune
 import predict
 import prepare_tfrecords
@@ -13,7 +14,7 @@ from histofold import config as C
 from histofold.errors import UsageError
 
 SCRIPTS = [(prepare_tfrecords, C.PrepareConfig), (train, C.TrainConfig), (finetune, C.FinetuneConfig),
-           (predict, C.PredictConfig), (evaluate, C.EvaluateConfig)]
+           (predict, C.PredictConfig), (evaluate, C.EvaluateConfig), (export, C.ExportConfig)]
 
 
 def _defaults(cls):
