@@ -38,7 +38,12 @@ def main() -> None:
     print("\n=== histofold demo finished in %.0f s ===" % (time.time() - t0))
     print(f"submission: {os.path.join(WORK, 'submissions', 'demo.csv')}")
     print(f"report:     {os.path.join(WORK, 'reports', 'demo', 'report.html')}")
-    print(f"CV ROC AUC (out-of-fold, 5 folds, 8-way TTA): {cv:.4f}")
+    print(f"CV ROC AUC (out-of-fold, 5 folds, 8-way TTA): pooled {cv:.4f}", end="")
+    folds = metrics.get("pooled_vs_folds") or {}
+    if folds.get("mean") is not None:
+        print(f", mean fold {folds['mean']:.4f} +- {folds['sd']:.4f}" + (f" ({folds['note']})" if folds.get("diverge") else ""))
+    else:
+        print()
 
 
 if __name__ == "__main__":
