@@ -209,6 +209,21 @@ def start(name: str, *args, cwd) -> subprocess.Popen:
                             stderr=subprocess.STDOUT)
 
 
+def kill_9_when(name: str, *args, cwd, ready, timeout: float, what: str) -> list[int]:
+    """Start script `name`, SIGKILL it as soon as `ready()` holds; the children it had just before the kill."""
+    proc = start(name, *args, cwd=cwd)
+    try:
+        wait_for(ready, timeout=timeout, what=what)
+        children = children_of(proc.pid)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == -signal.SIGKILL
+    return children
+
+
 # ~720 shards of 6 records (32 px raw): pass 2 takes seconds, long enough to be killed inside
 BIG_PREPARE = ["--source=synthetic", "--count=4000", "--test_count=300", "--image_size=32", "--folds=3",
                "--shard_mb=0.02", "--workers=2"]
@@ -219,16 +234,8 @@ def test_kill_9_mid_prepare_then_rerun_gives_the_same_folds_and_shards(tmp_path)
     clean, killed = tmp_path / "clean", tmp_path / "killed"
     clean.mkdir(), killed.mkdir()
     assert_ok(script("prepare_tfrecords.py", *BIG_PREPARE, cwd=clean))
-    proc = start("prepare_tfrecords.py", *BIG_PREPARE, cwd=killed)
-    try:
-        wait_for(lambda: any((killed / "tfrecords").glob("*.tfrec")), timeout=120, what="the first shard")
-        workers = children_of(proc.pid)
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == -signal.SIGKILL
+    workers = kill_9_when("prepare_tfrecords.py", *BIG_PREPARE, cwd=killed, timeout=120, what="the first shard",
+                          ready=lambda: any((killed / "tfrecords").glob("*.tfrec")))
     assert len(workers) == 2  # the pool was running when the parent was killed
     wait_for(lambda: not any(alive(w) for w in workers), timeout=10, what="the pool workers to die")
     assert not (killed / "tfrecords" / "manifest.json").exists()  # killed mid-way, not after the end
@@ -250,16 +257,8 @@ def test_kill_9_mid_train_then_rerun_completes_the_run(trained, tmp_path):
     shutil.copytree(trained / "folds", work / "folds")
     args = ["--fold=all", "--arch=tiny", "--epochs=40", "--batch_size=8", "--name=k", "--tfrecords=tfrecords"]
     history = work / "runs" / "k" / "fold0" / "history.csv"
-    proc = start("train.py", *args, cwd=work)
-    try:
-        wait_for(lambda: history.exists() and len(history.read_text().splitlines()) >= 3, timeout=180,
-                 what="two finished epochs of fold 0")
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == -signal.SIGKILL
+    kill_9_when("train.py", *args, cwd=work, timeout=180, what="two finished epochs of fold 0",
+                ready=lambda: history.exists() and len(history.read_text().splitlines()) >= 3)
     fold_dirs = [work / "runs" / "k" / f"fold{k}" for k in (0, 1)]
     assert not all((d / "complete.json").exists() for d in fold_dirs)  # killed before the run finished
     refused = script("predict.py", "--runs=runs/k", "--tta=1", cwd=work)
