@@ -37,7 +37,8 @@ def main(*, runs="", runs_dir="runs", compare="", name="", out_dir="reports", oo
         log_level: debug | info | warning | error.
 
     Returns:
-        The report's paths and headline metrics.
+        The report's paths and headline metrics: pooled OOF AUC and its CI, mean fold AUC and its
+        sd (auc_note when they diverge), test and slide-level AUCs when the report has them.
     """
     flags = dict(locals())
     from histofold.config import EvaluateConfig

@@ -687,7 +687,7 @@ def _test_sections(run: Run, results: dict) -> list[tuple]:
             tables.append(_binary_overall_table(t))
         else:
             tables.append(_multi_overall_table(t))
-        secs.append(("Held-out test", intro, tables, []))
+        secs.append(("Held-out test", intro.strip(), tables, []))
     elif "skipped" in test:
         secs.append(("Held-out test", test["skipped"] + ".", [], []))
     for where, sl in (("out-of-fold", results.get("slides")), ("held-out test", test.get("slides"))):
