@@ -28,7 +28,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from histofold import imageops, io, runs, tta
+from histofold import data, imageops, io, runs, tta
 from histofold import models  # noqa: F401 - registers the models' own layers (Preprocess, ...) for load_model
 from histofold.errors import UsageError
 
@@ -103,7 +103,7 @@ class ModelInput(keras.layers.Layer):
         self.size = imageops.as_size(size)
 
     def call(self, x):
-        return imageops.resize(x, self.size)
+        return data.model_inputs(x, self.size)
 
     def compute_output_shape(self, input_shape):
         return (input_shape[0], *self.size, 3)

@@ -366,12 +366,18 @@ def _tta_files(fold_dirs: list[str], pattern: re.Pattern) -> list[int]:
     return sorted(common or ())
 
 
-def test_frame(run: Run, n: int) -> pd.DataFrame:
-    """The fold ensemble (mean, as predict.py --ensemble=mean) of the folds' test_tta<n>.csv, with labels
-    (and the slide column when the predictions carry one), in the first fold's row order."""
+def _test_frames(run: Run, n: int) -> list[pd.DataFrame]:
+    """Every fold's test_tta<n>.csv, in fold order."""
+    return [io.read_csv(io.join(d, f"test_tta{n}.csv"), dtype={"id": str, "slide": str}) for d in run.fold_dirs]
+
+
+def test_frame(run: Run, n: int, frames: list[pd.DataFrame] | None = None) -> pd.DataFrame:
+    """The fold ensemble (mean, as predict.py --ensemble=mean) of the folds' test_tta<n>.csv (`frames`, read
+    when not given), with labels (and the slide column when the predictions carry one), in the first fold's
+    row order."""
     from histofold import ensemble
 
-    frames = [io.read_csv(io.join(d, f"test_tta{n}.csv"), dtype={"id": str, "slide": str}) for d in run.fold_dirs]
+    frames = frames if frames is not None else _test_frames(run, n)
     ens = ensemble.ensemble(frames, method="mean", names=[io.join(d, f"test_tta{n}.csv") for d in run.fold_dirs])
     extra = [c for c in ("label", "slide") if c in frames[0]]
     return ens.merge(frames[0][["id", *extra]], on="id", how="left")
@@ -388,16 +394,17 @@ def _test_section(run: Run, *, n_boot: int, seed: int, oof_name: str) -> dict:
         return {"skipped": "no test predictions: run predict.py (it writes test_tta<n>.csv into every fold)"}
     m = OOF_TTA_RE.match(oof_name)
     n = int(m.group(1)) if m and int(m.group(1)) in sizes else sizes[-1]
+    frames = _test_frames(run, n)
     try:
-        frame = test_frame(run, n)
+        frame = test_frame(run, n, frames)
     except DataError as e:  # e.g. a stale test_tta<n>.csv predicted from other tfrecords
         return {"skipped": f"test predictions do not ensemble: {e}", "tta": n}
     if "label" not in frame or (frame["label"] < 0).any() or frame["label"].isna().any():
         return {"skipped": f"the test set is unlabeled ({len(frame)} images): no test metrics", "tta": n}
     y = frame["label"].to_numpy(int)
     folds = []
-    for d in run.fold_dirs:
-        f = io.read_csv(io.join(d, f"test_tta{n}.csv"), dtype={"id": str}).set_index("id").loc[frame["id"]]
+    for d, fold_frame in zip(run.fold_dirs, frames):
+        f = fold_frame.set_index("id").loc[frame["id"]]
         folds.append({"fold": io.basename(d), **_flat(_evaluate(run, y, run.probs(f), n_boot=n_boot, seed=seed))})
     return {"tta": n, "ensemble": "mean", "n": int(len(frame)), "sizes": sizes,
             "overall": _evaluate(run, y, run.probs(frame), n_boot=n_boot, seed=seed), "folds": folds,
